@@ -1,0 +1,72 @@
+"""Benchmark suites behind `hpcopt bench SUITE`: each prints hpcopt's figure next to a named peer
+measured in the same run, and the ratio. Benchmarks report; they never assert a time.
+
+A suite module has `add_arguments(parser)` and `run(args) -> list[dict]`; each row has at least
+`name`, `unit`, `hpcopt`, `peer_name`, `peer`, `ratio` (higher is better for hpcopt) and `limit`
+(a hardware bound where there is one, else None).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+SUITES = {  # name -> (module, one-line description); modules load only when their suite runs
+    "step": ("hpcopt.bench.step", "one training step of the MLP 784-1024-1024-10 vs PyTorch CPU"),
+    "optim": ("hpcopt.bench.optim", "optimizer kernels at 32M parameters vs torch.optim and the triad bound"),
+}
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="run a benchmark suite against its peer",
+                       description="Benchmarks print a table (or JSON lines with --json) with the peer "
+                       "measured in the same run and the ratio. Suites: " +
+                       "; ".join(f"{k}: {v[1]}" for k, v in SUITES.items()) +
+                       ". `hpcopt bench SUITE --help` lists a suite's options.")
+    b.add_argument("suite", choices=list(SUITES), metavar="SUITE", help=", ".join(SUITES))
+    b.add_argument("suite_args", nargs=argparse.REMAINDER, help="the suite's own options")
+    return b
+
+
+def run_suite(args) -> int:
+    import os
+
+    from ..comm import pin_threads
+
+    modname, desc = SUITES[args.suite]
+    p = argparse.ArgumentParser(prog=f"hpcopt bench {args.suite}", description=desc)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="threads for hpcopt AND the peer (BLAS, Numba, torch); default: all cores")
+    threads = p.parse_known_args(args.suite_args)[0].threads
+    pin_threads(threads)  # before numpy loads: BLAS reads it once
+    mod = importlib.import_module(modname)
+    mod.add_arguments(p)
+    opts = p.parse_args(args.suite_args)
+    rows = mod.run(opts)
+    if opts.json:
+        for r in rows:
+            print(json.dumps(dict(suite=args.suite, **r)), flush=True)
+    else:
+        print_table(rows)
+    return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    cols = ["name", "unit", "hpcopt", "peer_name", "peer", "ratio", "limit"]
+    extra = [k for r in rows for k in r if k not in cols]
+    cols += list(dict.fromkeys(extra))
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)

@@ -1,0 +1,182 @@
+"""`hpcopt` subcommands (DESIGN §7). User errors: one line on stderr, exit 2 (config) or 3 (data).
+
+Heavy modules (numpy, numba, h5py) are imported inside the commands, after the thread count per
+rank is set: BLAS reads it when numpy is first imported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import HpcoptError
+
+EXIT_SIGNAL = 143  # what `train` exits with after checkpointing on SIGTERM (128 + 15)
+
+
+def _train(args) -> int:
+    from mpi4py import MPI
+
+    from . import comm, config
+
+    world = MPI.COMM_WORLD
+    cfg = comm.agree(world, config.load, args.job, args.overrides)
+    threads = comm.threads_per_rank(cfg.backend.threads, comm.ranks_on_node(world))
+    comm.pin_threads(threads)
+
+    import numba
+
+    from .train import Trainer
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    grid = comm.make_grid(world, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, cfg.source)
+    out_dir = config.resolve_out_dir(cfg)
+    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume)
+    comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "
+                    f"{trainer.total_steps} steps of {trainer.global_batch} samples, "
+                    f"optimizer {trainer.opt.name}, run directory {out_dir}")
+    summary = trainer.fit()
+    comm.root_print(summary.line())
+    return 0
+
+
+def _data_make(args) -> int:
+    from .data import make_digits, make_synthetic
+
+    if args.name == "digits":
+        make_digits(args.out)
+    else:
+        make_synthetic(args.out, args.samples, args.features, args.classes, seed=args.seed)
+    from .data import inspect
+
+    info = inspect(args.out)
+    print(f"wrote {args.out}: {info.name}, {info.sizes['train']} train + {info.sizes['test']} test samples, "
+          f"{info.features} features, {info.classes} classes")
+    return 0
+
+
+def _ckpt_ls(args) -> int:
+    import time
+
+    from . import checkpoint
+    from .errors import DataError
+
+    if not os.path.isdir(args.run_dir):
+        raise HpcoptError(f"{args.run_dir}: no such run directory")
+    rows = checkpoint.list_checkpoints(args.run_dir)
+    if not rows:
+        print(f"{args.run_dir}: no checkpoints")
+        return 0
+    print(f"{'step':>10}  {'written':19}  {'size':>10}  {'world (dp,pp,tp)':16}  status")
+    for step, path in rows:
+        size = os.path.getsize(path)
+        try:
+            ck = checkpoint.read(path)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ck.attrs.get("written_at", 0)))
+            world, status = str(tuple(ck.attrs["world"])), "ok"
+        except DataError as e:
+            when, world, status = "?", "?", f"CORRUPT: {str(e).split(': ', 1)[-1]}"
+        print(f"{step:>10}  {when:19}  {size / 2**20:>8.1f}MB  {world:16}  {status}")
+    return 0
+
+
+def _ckpt_verify(args) -> int:
+    from . import checkpoint
+
+    ck = checkpoint.read(args.ckpt)
+    n = sum(a.size for a in ck.params.values())
+    print(f"{args.ckpt}: ok (step {ck.attrs['step']}, {len(ck.params)} parameter tensors, {n:,} parameters, "
+          f"optimizer state {', '.join(sorted(ck.optim)) or 'none'})")
+    return 0
+
+
+def _ckpt_export(args) -> int:
+    from . import checkpoint
+
+    keys = checkpoint.export_npz(args.ckpt, args.out)
+    print(f"wrote {args.out}: {', '.join(keys)}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run_suite
+
+    return run_suite(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcopt", description="Train neural networks in parallel with MPI, "
+                                "Numba kernels and parallel HDF5.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a job (under mpirun/srun, or alone)",
+                       description="Train the job described by JOB.toml. Every config key can be "
+                       "overridden as section.key=value (e.g. optimizer.lr=0.01).")
+    t.add_argument("job", help="job config (TOML)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint "
+                   "of the run directory (auto) or from PATH")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_train)
+
+    d = sub.add_parser("data", help="make bundled data sets").add_subparsers(dest="data_cmd", required=True)
+    m = d.add_parser("make", help="write a bundled data set as HDF5",
+                     description="digits: scikit-learn's 8x8 digits; synthetic: Gaussian clusters of any size.")
+    m.add_argument("name", choices=["digits", "synthetic"])
+    m.add_argument("out", help="output file (.h5)")
+    m.add_argument("--samples", type=int, default=10000, help="synthetic: training samples")
+    m.add_argument("--features", type=int, default=64, help="synthetic: features per sample")
+    m.add_argument("--classes", type=int, default=10, help="synthetic: classes")
+    m.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    m.set_defaults(fn=_data_make)
+
+    c = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="ckpt_cmd", required=True)
+    ls = c.add_parser("ls", help="list a run's checkpoints with step, time, size, layout, status")
+    ls.add_argument("run_dir")
+    ls.set_defaults(fn=_ckpt_ls)
+    v = c.add_parser("verify", help="check one checkpoint's structure and checksums")
+    v.add_argument("ckpt")
+    v.set_defaults(fn=_ckpt_verify)
+    e = c.add_parser("export", help="write the global parameters as .npz, one array per layer.name")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.set_defaults(fn=_ckpt_export)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub).set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except HpcoptError as e:
+        size = sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() if "mpi4py.MPI" in sys.modules else 1
+        if size > 1 and not getattr(e, "all_ranks", False):
+            from .comm import abort_on_exception  # raised on this rank alone: the others must not wait
+
+            abort_on_exception(e, e.exit_code)
+        if _world_rank() == 0:
+            print(f"hpcopt: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # a bug or a failure on one rank: end the whole job, never hang
+        if isinstance(e, SystemExit):
+            raise
+        from .comm import abort_on_exception
+
+        abort_on_exception(e)
+        return 1
+
+
+def _world_rank() -> int:
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

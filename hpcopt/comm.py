@@ -1,0 +1,146 @@
+"""MPI world, the (dp, pp, tp) process grid (DESIGN §5), abort-on-error and rank-0 helpers.
+
+World ranks form a (dp, pp, tp) grid with tp varying fastest:
+    world_rank = (dp_rank * pp + pp_rank) * tp + tp_rank
+Data-parallel replicas are the ranks with equal (pp, tp) coordinates.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+from . import errors
+from .errors import ConfigError, HpcoptError
+
+
+@dataclass
+class Grid:
+    world: MPI.Comm
+    dp: int
+    pp: int
+    tp: int
+    dp_rank: int
+    pp_rank: int
+    tp_rank: int
+    dp_comm: MPI.Comm
+    pp_comm: MPI.Comm
+    tp_comm: MPI.Comm
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.world.Get_size()
+
+    @property
+    def is_root(self) -> bool:
+        return self.world.Get_rank() == 0
+
+    def describe(self) -> str:
+        return f"world={self.size} (dp={self.dp}, pp={self.pp}, tp={self.tp})"
+
+
+def grid_shape(world_size: int, dp: int | str, pp: int, tp: int, source: str = "config") -> tuple[int, int, int]:
+    """Resolve `dp = "auto"` and check that dp * pp * tp equals the world size."""
+    if world_size % (pp * tp) != 0:
+        raise ConfigError(f"{source}: parallel.pp * parallel.tp = {pp * tp} does not divide the "
+                          f"{world_size} ranks of this job")
+    if dp == "auto":
+        dp = world_size // (pp * tp)
+    if dp * pp * tp != world_size:
+        raise ConfigError(f"{source}: parallel.dp * pp * tp = {dp}*{pp}*{tp} = {dp * pp * tp} "
+                          f"but the job has {world_size} ranks")
+    return int(dp), pp, tp
+
+
+def make_grid(world: MPI.Comm, dp: int | str = "auto", pp: int = 1, tp: int = 1, source: str = "config") -> Grid:
+    """Split `world` into the dp/pp/tp communicators. Collective over `world`."""
+    dp, pp, tp = grid_shape(world.Get_size(), dp, pp, tp, source)
+    rank = world.Get_rank()
+    tp_rank, pp_rank, dp_rank = rank % tp, (rank // tp) % pp, rank // (tp * pp)
+    tp_comm = world.Split(color=dp_rank * pp + pp_rank, key=tp_rank)
+    pp_comm = world.Split(color=dp_rank * tp + tp_rank, key=pp_rank)
+    dp_comm = world.Split(color=pp_rank * tp + tp_rank, key=dp_rank)
+    return Grid(world, dp, pp, tp, dp_rank, pp_rank, tp_rank, dp_comm, pp_comm, tp_comm)
+
+
+def ranks_on_node(world: MPI.Comm) -> int:
+    """How many ranks of this job share this node (collective over `world`)."""
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    n = node.Get_size()
+    node.Free()
+    return n
+
+
+def threads_per_rank(requested: int, local_ranks: int) -> int:
+    """`backend.threads`, or this node's cores (or Slurm's CPUs per task) split among its ranks."""
+    if requested > 0:
+        return requested
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and int(cpus) > 0:
+        return int(cpus)
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this rank may run on (mpirun/srun binding)
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_ranks))
+
+
+def pin_threads(n: int) -> None:
+    """Limit BLAS/OpenMP threads to n. Effective only before numpy is first imported; Numba is set later."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(n, 1)))
+
+
+def agree(world: MPI.Comm, fn, *args, **kwargs):
+    """Run fn on every rank; if it raises a user error on ANY rank, raise it on EVERY rank.
+
+    For the start-up phase (config, data and checkpoint checks) where ranks may disagree (one rank
+    cannot read its file, say): all ranks leave together with the same message and exit code instead
+    of some waiting forever in the next collective. fn must not itself call collectives.
+    """
+    err: HpcoptError | None = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except HpcoptError as e:
+        err = e
+    msg = (type(err).__name__, str(err)) if err else None
+    messages = world.allgather(msg)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, (cls_name, text) = failed[0]
+        cls = getattr(errors, cls_name, HpcoptError)
+        same_everywhere = all(m == failed[0][1] for m in messages)
+        err = cls(text if same_everywhere else f"rank {rank}: {text}")
+        err.all_ranks = True  # every rank raises it: each may exit on its own, no abort needed
+        raise err
+    return result
+
+
+def abort_on_exception(exc: BaseException, code: int = 1) -> None:
+    """Print the traceback and end the whole MPI job: a failure on one rank must never hang the others."""
+    world = MPI.COMM_WORLD
+    if isinstance(exc, HpcoptError):
+        print(f"hpcopt: error on rank {world.Get_rank()}: {exc}", file=sys.stderr, flush=True)
+    else:
+        print(f"hpcopt: unhandled exception on rank {world.Get_rank()}:", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
+    if world.Get_size() > 1:
+        world.Abort(code)
+    sys.exit(code)
+
+
+def root_print(*args, **kwargs) -> None:
+    """print() on world rank 0 only (output, never communication)."""
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(*args, **kwargs, flush=True)

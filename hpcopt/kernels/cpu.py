@@ -1,0 +1,130 @@
+"""@njit CPU kernels for the network: fused bias + activation forward/backward, losses, accuracy.
+
+GEMMs are not here: they go to BLAS through numpy (`np.matmul(..., out=...)`). Everything around a
+GEMM is one fused, in-place pass. Reductions run in a fixed order (never a threaded `+=` reduction),
+so results do not depend on the thread count: the same inputs give the same bits on any layout.
+Optimizer kernels live in `optim_cpu.py` (CUDA twins in `cuda.py`/`optim_cuda.py`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# activation codes (ints so kernels can branch without object arguments)
+IDENTITY, RELU, TANH, SIGMOID = 0, 1, 2, 3
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
+
+_BLOCK = 64  # columns per task in column reductions: contiguous rows of 64 floats per thread
+
+
+@njit(parallel=True, cache=True)
+def bias_act_forward(z, b, act):
+    """z (B, N) := act(z + b), in place; b (N,). Returns nothing."""
+    B, N = z.shape
+    for i in prange(B):
+        for j in range(N):
+            v = z[i, j] + b[j]
+            if act == RELU:
+                v = v if v > 0 else 0.0
+            elif act == TANH:
+                v = math.tanh(v)
+            elif act == SIGMOID:
+                v = 1 / (1 + math.exp(-v))
+            z[i, j] = v
+
+
+@njit(parallel=True, cache=True)
+def bias_act_backward(dz, a, act, db):
+    """dz (B, N): in dL/da, out dL/dz (in place); a (B, N): the forward's output; db (N,) := sum_i dL/dz.
+
+    The activation derivative is taken from the OUTPUT a (relu: a > 0, tanh: 1 - a², sigmoid: a(1 - a)),
+    so the forward stores one array per layer. db is summed over i in order, per column block.
+    """
+    B, N = dz.shape
+    nblocks = (N + _BLOCK - 1) // _BLOCK
+    for jb in prange(nblocks):
+        j0 = jb * _BLOCK
+        j1 = min(N, j0 + _BLOCK)
+        for j in range(j0, j1):
+            db[j] = 0
+        for i in range(B):
+            for j in range(j0, j1):
+                d = dz[i, j]
+                if act == RELU:
+                    d = d if a[i, j] > 0 else 0.0
+                elif act == TANH:
+                    d = d * (1 - a[i, j] * a[i, j])
+                elif act == SIGMOID:
+                    d = d * (a[i, j] * (1 - a[i, j]))
+                dz[i, j] = d
+                db[j] += d
+
+
+@njit(parallel=True, cache=True)
+def softmax_ce(logits, labels, scale, dlogits):
+    """Softmax cross-entropy. logits (B, C); labels (B,) int in [0, C); dlogits (B, C) out.
+
+    dlogits := (softmax(logits) - onehot(labels)) * scale, with scale = 1 / global batch, so that the
+    SUM over data-parallel ranks is the mean gradient. Returns the SUM of per-sample losses (float64).
+    """
+    B, C = logits.shape
+    losses = np.empty(B, dtype=np.float64)
+    for i in prange(B):
+        m = logits[i, 0]
+        for j in range(1, C):
+            m = max(m, logits[i, j])
+        s = 0.0
+        for j in range(C):
+            s += math.exp(logits[i, j] - m)
+        lse = m + math.log(s)
+        y = labels[i]
+        losses[i] = lse - logits[i, y]
+        for j in range(C):
+            p = math.exp(logits[i, j] - lse)
+            if j == y:
+                p -= 1.0
+            dlogits[i, j] = p * scale
+    total = 0.0
+    for i in range(B):
+        total += losses[i]
+    return total
+
+
+@njit(parallel=True, cache=True)
+def mse_onehot(out, labels, scale, dout):
+    """Mean squared error against one-hot targets. out, dout (B, C); labels (B,) int.
+
+    Per-sample loss sum_j (out_ij - t_ij)², averaged over samples AND outputs (torch's MSELoss mean):
+    dout := 2 (out - t) * scale with scale = 1 / (global batch * C). Returns the SUM of squared errors.
+    """
+    B, C = out.shape
+    sq = np.empty(B, dtype=np.float64)
+    for i in prange(B):
+        acc = 0.0
+        for j in range(C):
+            t = 1.0 if j == labels[i] else 0.0
+            d = out[i, j] - t
+            acc += d * d
+            dout[i, j] = 2 * d * scale
+        sq[i] = acc
+    total = 0.0
+    for i in range(B):
+        total += sq[i]
+    return total
+
+
+@njit(cache=True)
+def count_correct(logits, labels):
+    """Number of rows whose argmax equals the label (first maximum wins, like numpy)."""
+    B, C = logits.shape
+    n = 0
+    for i in range(B):
+        best = 0
+        for j in range(1, C):
+            if logits[i, j] > logits[i, best]:
+                best = j
+        if best == labels[i]:
+            n += 1
+    return n

@@ -1,0 +1,50 @@
+"""Metrics on rank 0: `metrics.jsonl` (one JSON object per logged step), a progress bar, a summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+
+class MetricsLog:
+    """Appends one JSON line per record to OUT_DIR/metrics.jsonl (append: a resumed run continues it)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.file = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Progress:
+    """A tqdm bar on stderr when tqdm is installed and not quiet; otherwise a plain line per log step."""
+
+    def __init__(self, total: int, initial: int, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        if not quiet:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr,
+                                dynamic_ncols=True, mininterval=0.5, leave=True)
+
+    def advance(self, n: int, fields: dict | None = None) -> None:
+        if self.bar is not None:
+            if fields:
+                self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(n)
+        elif fields and not self.quiet:
+            print("  ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

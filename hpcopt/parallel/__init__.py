@@ -1,0 +1,1 @@
+"""Parallel strategies: how gradients and parameters move between ranks."""
