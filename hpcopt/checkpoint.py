@@ -3,25 +3,31 @@
     /params/<layer>/<name>            global shape, one dataset per parameter tensor
     /optim/<state>/<layer>/<name>     the same for every optimizer state array (Adam's m, v, ...)
     root attrs: format_version, step, epoch, seed, config, world, hpcopt_version, ...
-    every dataset: attr `crc32` (zlib CRC-32 of its C-order bytes)
+    every dataset: attr `checksum` = [s1, s2], position-weighted Fletcher sums of its uint32 words
+    (kernels.cpu.checksum_parts): layout-independent, so each rank sums the part it wrote.
 
-A file is written as `<name>.tmp`, flushed, fsynced and renamed: a file under its final name is
-always complete. Files hold global arrays, so a checkpoint loads into any layout.
+All ranks write one file together through h5py's `mpio` driver, each rank only its rows of each
+dataset (data-parallel replicas split the rows, so every byte is written once). The file is written
+as `<name>.tmp`, closed, fsynced and renamed, and the directory fsynced: a file under its final name
+is always complete. Files hold global arrays, so a checkpoint loads into any layout. Where h5py has
+no MPI support the pieces are gathered to rank 0, which writes the same format serially.
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+from mpi4py import MPI
 
 from . import __version__
 from .errors import DataError
+from .kernels.cpu import CHECKSUM_MOD, checksum_parts
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step_(\d{8})\.h5$")
@@ -31,8 +37,86 @@ def file_name(step: int) -> str:
     return f"step_{step:08d}.h5"
 
 
-def checksum(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+def _words(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.nbytes % 4:
+        raise ValueError(f"checkpoint arrays must be a whole number of 32-bit words (got {a.dtype})")
+    return a.reshape(-1).view(np.uint32)
+
+
+def checksum(a: np.ndarray, first_element: int = 0) -> np.ndarray:
+    """[s1, s2] of an array, or of a slice whose first element has global flat index first_element."""
+    words_per_element = max(1, a.dtype.itemsize // 4)
+    s1, s2 = checksum_parts(_words(a), first_element * words_per_element)
+    return np.array([s1, s2], dtype=np.uint64)
+
+
+@dataclass
+class Piece:
+    """This rank's rows [row_start, row_start + len(data)) of one dataset of global `shape`."""
+    name: str                  # e.g. "params/dense0/weight"
+    shape: tuple[int, ...]
+    data: np.ndarray           # may hold no rows: every rank lists every dataset
+    row_start: int = 0
+
+
+def rows_of(n_rows: int, rank: int, nranks: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of n_rows that rank writes when nranks hold the same tensor."""
+    return n_rows * rank // nranks, n_rows * (rank + 1) // nranks
+
+
+def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) -> float:
+    """All ranks of comm write one checkpoint file together, atomically. Returns seconds taken.
+
+    Every rank passes the same dataset names in the same order (creation is collective), each with
+    the rows it owns. Checksums: each rank sums its rows' parts, one Allreduce completes them.
+    """
+    t0 = time.perf_counter()
+    tmp = path + ".tmp"
+    attrs = dict(attrs, format_version=FORMAT_VERSION, hpcopt_version=__version__, written_at=time.time(),
+                 checksum_algorithm="fletcher-position-31", datasets=[p.name for p in pieces])
+    parts = np.zeros((len(pieces), 2), dtype=np.uint64)
+    for i, p in enumerate(pieces):
+        row = int(np.prod(p.shape[1:], dtype=np.int64))
+        parts[i] = checksum(p.data, p.row_start * row) if p.data.size else 0
+    totals = np.zeros_like(parts)
+    comm.Allreduce(parts, totals, op=MPI.SUM)
+    totals %= np.uint64(CHECKSUM_MOD)
+    if h5py.get_config().mpi and comm.Get_size() > 1:
+        f = h5py.File(tmp, "w", driver="mpio", comm=comm, libver="latest")
+        _fill(f, pieces, totals, attrs)
+    else:
+        if comm.Get_size() > 1:  # no parallel HDF5: gather every piece to rank 0
+            if comm.Get_rank() == 0:
+                print("hpcopt: warning: h5py has no MPI support; checkpoint gathered to rank 0 and "
+                      "written serially (see README: parallel HDF5)", file=sys.stderr, flush=True)
+            gathered = comm.gather(pieces, root=0)
+        else:
+            gathered = [pieces]
+        if comm.Get_rank() == 0:
+            merged = [Piece(p.name, p.shape, np.empty(p.shape, p.data.dtype)) for p in pieces]
+            for rank_pieces in gathered:
+                for m, p in zip(merged, rank_pieces):
+                    m.data[p.row_start:p.row_start + len(p.data)] = p.data
+            _fill(h5py.File(tmp, "w", libver="latest"), merged, totals, attrs)
+    if comm.Get_rank() == 0:
+        with open(tmp, "rb+") as fh:  # closed by HDF5; make it durable before it gets its final name
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    comm.Barrier()
+    return time.perf_counter() - t0
+
+
+def _fill(f: h5py.File, pieces: list[Piece], checksums: np.ndarray, attrs: dict) -> None:
+    with f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        for p, c in zip(pieces, checksums):
+            ds = f.create_dataset(p.name, shape=p.shape, dtype=p.data.dtype, fill_time="never")
+            if len(p.data):
+                ds[p.row_start:p.row_start + len(p.data)] = p.data
+            ds.attrs["checksum"] = c
 
 
 @dataclass
@@ -49,30 +133,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write(path: str, ckpt: Checkpoint) -> None:
-    """Write a whole checkpoint from ONE process, atomically (tmp, fsync, rename, fsync dir)."""
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        attrs = dict(ckpt.attrs, format_version=FORMAT_VERSION, hpcopt_version=__version__,
-                     written_at=time.time())
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        for key, a in ckpt.params.items():
-            _put(f, "params/" + key.replace(".", "/"), a)
-        for state, arrays in ckpt.optim.items():
-            for key, a in arrays.items():
-                _put(f, f"optim/{state}/" + key.replace(".", "/"), a)
-    with open(tmp, "rb+") as fh:  # HDF5 closed and flushed the file; make it durable before renaming
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _put(f: h5py.File, name: str, a: np.ndarray) -> None:
-    ds = f.create_dataset(name, data=a)
-    ds.attrs["crc32"] = checksum(a)
 
 
 def _datasets(f: h5py.File) -> list[str]:
@@ -92,12 +152,15 @@ def read(path: str, verify_checksums: bool = True) -> Checkpoint:
     try:
         with f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            for req in ("format_version", "step", "config", "world"):
+            for req in ("format_version", "step", "config", "world", "datasets"):
                 if req not in attrs:
                     raise DataError(f"{path}: missing root attribute '{req}'")
             if int(attrs["format_version"]) > FORMAT_VERSION:
                 raise DataError(f"{path}: format_version {attrs['format_version']} is newer than this "
                                 f"hpcopt reads ({FORMAT_VERSION})")
+            for name in attrs.get("datasets", []):  # the manifest: every dataset the writer wrote
+                if name not in f:
+                    raise DataError(f"{path}: missing dataset /{name}")
             if "params" not in f or not _datasets(f["params"]):
                 raise DataError(f"{path}: no /params datasets")
             params: dict[str, np.ndarray] = {}
@@ -109,9 +172,9 @@ def read(path: str, verify_checksums: bool = True) -> Checkpoint:
                 except OSError as e:
                     raise DataError(f"{path}: dataset /{name} is unreadable ({_short(e)})") from None
                 if verify_checksums:
-                    if "crc32" not in ds.attrs:
+                    if "checksum" not in ds.attrs:
                         raise DataError(f"{path}: dataset /{name} has no checksum")
-                    if checksum(a) != int(ds.attrs["crc32"]):
+                    if not np.array_equal(checksum(a), ds.attrs["checksum"]):
                         raise DataError(f"{path}: checksum mismatch in dataset /{name}")
                 parts = name.split("/")
                 if parts[0] == "params":

@@ -11,7 +11,7 @@ import sys
 
 from .errors import HpcoptError
 
-EXIT_SIGNAL = 143  # what `train` exits with after checkpointing on SIGTERM (128 + 15)
+EXIT_RESUME = 75  # `train` checkpointed on SIGUSR1/SIGTERM and wants to be resumed (EX_TEMPFAIL)
 
 
 def _train(args) -> int:
@@ -31,13 +31,13 @@ def _train(args) -> int:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     grid = comm.make_grid(world, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, cfg.source)
     out_dir = config.resolve_out_dir(cfg)
-    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume)
+    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force)
     comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "
                     f"{trainer.total_steps} steps of {trainer.global_batch} samples, "
                     f"optimizer {trainer.opt.name}, run directory {out_dir}")
     summary = trainer.fit()
     comm.root_print(summary.line())
-    return 0
+    return EXIT_RESUME if summary.stopped_by else 0
 
 
 def _data_make(args) -> int:
@@ -111,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a job (under mpirun/srun, or alone)",
                        description="Train the job described by JOB.toml. Every config key can be "
-                       "overridden as section.key=value (e.g. optimizer.lr=0.01).")
+                       "overridden as section.key=value (e.g. optimizer.lr=0.01). On SIGUSR1 or SIGTERM "
+                       "it checkpoints at the next step boundary and exits with 75.")
     t.add_argument("job", help="job config (TOML)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint "
                    "of the run directory (auto) or from PATH")
+    t.add_argument("--resume-force", action="store_true", help="resume even if the checkpoint's model "
+                   "or optimizer differs from the job's")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
 
@@ -149,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides written after an option, e.g. `train job.toml --quiet a.b=1`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except HpcoptError as e:

@@ -53,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    layers: list[int] = opt([64, 128, 10], length=2, doc="widths: input, hidden..., output")
+    layers: list[int] = opt([64, 128, 10], length=2, ge=1, doc="widths: input, hidden..., output")
     activation: str = opt("relu", choices=("relu", "tanh", "sigmoid"))
     loss: str = opt("softmax_ce", choices=("softmax_ce", "mse"))
     dtype: str = opt("float32", choices=("float32", "float64"))
@@ -218,7 +218,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return repr(v) if v != int(v) or abs(v) >= 1e16 else repr(v)
+        return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, str):
@@ -304,8 +304,6 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"{src}: parallel.dp must be a positive integer or \"auto\" (got {_fmt(dp)})")
     if isinstance(dp, int) and dp < 1:
         raise ConfigError(f"{src}: parallel.dp must be >= 1 (got {dp})")
-    if any(w < 1 for w in cfg.model.layers):
-        raise ConfigError(f"{src}: model.layers must all be >= 1 (got {_fmt(cfg.model.layers)})")
     if cfg.optimizer.nesterov and cfg.optimizer.name not in ("sgd", "momentum", "nesterov"):
         raise ConfigError(f"{src}: optimizer.nesterov applies to sgd/momentum/nesterov, not {cfg.optimizer.name}")
 

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -14,12 +16,14 @@ from mpi4py import MPI
 from . import checkpoint, config, optim
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress
 from .nn import MLP
 from .optim.clip import clip_and_check
 from .optim.schedules import lr_at
 from .parallel.data import DataParallel
+
+PROCESS_START = time.time()  # for the restart-to-first-step figure
 
 
 @dataclass
@@ -30,9 +34,13 @@ class Summary:
     test_accuracy: float
     test_loss: float
     out_dir: str
-    checkpoint: str
+    checkpoint: str | None
+    stopped_by: str | None = None   # "signal SIGUSR1" when a signal ended the run early
 
     def line(self) -> str:
+        if self.stopped_by:
+            return (f"stopped by {self.stopped_by} after {self.steps} steps: checkpoint {self.checkpoint}; "
+                    f"continue with --resume auto")
         return (f"done: {self.steps} steps in {self.seconds:.1f} s, {self.samples_per_s:,.0f} samples/s, "
                 f"test accuracy {100 * self.test_accuracy:.2f}%, run directory {self.out_dir}")
 
@@ -61,6 +69,8 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
     if global_batch % grid.dp:
         raise ConfigError(f"{cfg.source}: data.batch_size = {global_batch} does not divide among "
                           f"parallel.dp = {grid.dp} ranks")
+    if resume not in (None, "auto") and not os.path.exists(resume):
+        raise DataError(f"{resume}: no such checkpoint")
     if resume is None and os.path.isdir(out_dir) and (
             checkpoint.list_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
         raise ConfigError(f"{out_dir}: already holds a run; resume it with --resume auto, or set "
@@ -68,17 +78,70 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
     return info, global_batch
 
 
+# Config keys a checkpoint must agree on to be resumed (others, e.g. lr or steps, may change).
+RESUME_KEYS = (("model", "layers"), ("model", "activation"), ("model", "loss"), ("model", "dtype"),
+               ("optimizer", "name"))
+
+
+def choose_checkpoint(out_dir: str, resume: str) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from, and one-line notes about the ones passed over.
+
+    `auto`: the newest checkpoint of the run directory that verifies (None: start fresh); a PATH
+    must verify or the run fails with its one-line reason.
+    """
+    if resume != "auto":
+        checkpoint.read(resume)
+        return resume, []
+    notes = []
+    for _, path in reversed(checkpoint.list_checkpoints(out_dir)):
+        try:
+            checkpoint.read(path)
+            return path, notes
+        except DataError as e:
+            notes.append(f"skipping {e}")
+    notes.append(f"no valid checkpoint in {out_dir}: starting from step 0")
+    return None, notes
+
+
+def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoint, force: bool) -> list[str]:
+    """Raise ConfigError naming the first key that differs in a way that matters (unless force)."""
+    old = config.from_toml_text(ckpt.attrs["config"], path)
+    notes = []
+    for section, key in RESUME_KEYS:
+        a, b = getattr(old.section(section), key), getattr(cfg.section(section), key)
+        if a != b:
+            msg = (f"{path}: checkpoint has {section}.{key} = {config._fmt(a)} but the job has "
+                   f"{config._fmt(b)}")
+            if not force:
+                raise ConfigError(msg + " (use --resume-force to resume anyway)")
+            notes.append(msg + " (--resume-force)")
+    return notes
+
+
 class Trainer:
     def __init__(self, cfg: config.JobConfig, grid: Grid, out_dir: str, quiet: bool = False,
-                 resume: str | None = None):
+                 resume: str | None = None, resume_force: bool = False):
         self.cfg, self.grid, self.out_dir, self.quiet = cfg, grid, out_dir, quiet
-        self.info, self.global_batch = agree(grid.world, prepare, cfg, grid, out_dir, resume)
+        world = grid.world
+        self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume)
+        self.notes: list[str] = []  # one-line messages for the user (rank 0 prints them)
+        resume_path = None
+        if resume is not None:
+            resume_path, notes = agree(world, lambda: choose_checkpoint(out_dir, resume) if grid.is_root
+                                       else (None, []))
+            resume_path, notes = world.bcast((resume_path, notes), root=0)
+            self.notes += notes
+        ckpt = None
+        if resume_path is not None:
+            ckpt = agree(world, checkpoint.read, resume_path)
+            self.notes += agree(world, check_resumable, cfg, resume_path, ckpt, resume_force)
         if grid.is_root:
             make_run_dir(cfg, out_dir)
         m = cfg.model
         self.model = MLP(m.layers, m.activation, m.loss, m.dtype, seed=cfg.run.seed, init=m.init)
         self.flat = self.model.flat
-        self.opt = optim.build(cfg.optimizer, self.flat.segments(), device=cfg.backend.device)
+        self.opt = agree(world, optim.build, cfg.optimizer, self.flat.segments(), device=cfg.backend.device,
+                         source=cfg.source)
         self.opt_state = self.opt.init_state(self.flat.size)
         self.loader = ShardedLoader(cfg.data.path, "train", self.global_batch, grid.dp_rank, grid.dp,
                                     cfg.run.seed, self.model.dtype)
@@ -91,6 +154,11 @@ class Trainer:
         self.step_count = 0      # global steps done (0-based index of the next step)
         self.opt_steps = 0       # optimizer updates applied (steps minus skipped ones)
         self.skipped = 0         # steps skipped for a non-finite gradient
+        self.resumed_from = None
+        if ckpt is not None:
+            agree(world, self.restore, resume_path, ckpt)
+        self.signals = StopSignals()
+        self.last_ckpt_time = time.monotonic()
 
     # -- one step --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -135,17 +203,29 @@ class Trainer:
     def fit(self) -> Summary:
         cfg, root = self.cfg, self.grid.is_root
         log = MetricsLog(self.out_dir) if root else None
+        slurm = slurm_fields()
+        if root:
+            for note in self.notes:
+                print(f"hpcopt: {note}", file=sys.stderr, flush=True)
+            log.write(dict(event="start", step=self.step_count, world=self.grid.size,
+                           resumed_from=self.resumed_from, **slurm))
         bar = Progress(self.total_steps, self.step_count, quiet=self.quiet or not root)
         every, eval_every = cfg.run.log_every, cfg.run.eval_every
         t0 = t_last = time.perf_counter()
         steps_at_last, start_step = self.step_count, self.step_count
         acc, test_loss = float("nan"), float("nan")
         loss_acc = 0.0
+        stopped_by = None
+        path = None
+        self.signals.install()
         try:
             while self.step_count < self.total_steps:
                 loss_sum, lr, norm = self.step()
                 loss_acc += loss_sum
                 done = self.step_count
+                if done == start_step + 1 and root:
+                    log.write(dict(event="first_step", step=done,
+                                   start_to_first_step_s=time.time() - PROCESS_START, **slurm))
                 last = done == self.total_steps
                 if done % every == 0 or last:
                     loss = self.strategy.comm.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))
@@ -153,7 +233,7 @@ class Trainer:
                     rec = dict(step=done, epoch=self.loader.position(done - 1)[0], loss=loss, lr=lr,
                                grad_norm=norm, skipped=self.skipped,
                                samples_per_s=self.global_batch * (done - steps_at_last) / (now - t_last),
-                               time=now - t0)
+                               time=now - t0, **slurm)
                     if (eval_every and done % eval_every == 0) or last:
                         test_loss, acc = self.evaluate()
                         rec.update(test_loss=test_loss, test_acc=acc)
@@ -164,37 +244,139 @@ class Trainer:
                             fields["acc"] = f"{100 * acc:.1f}%"
                         bar.advance(done - steps_at_last, fields)
                     t_last, steps_at_last, loss_acc = time.perf_counter(), done, 0.0
+                if last:
+                    break
+                reason = self.checkpoint_due()
+                if reason:
+                    t_sig = self.signals.received_at
+                    path = self.save()
+                    if root:
+                        rec = dict(event="checkpoint", step=done, reason=reason, path=path, **slurm)
+                        if reason.startswith("signal"):
+                            rec["signal_to_commit_s"] = time.time() - t_sig
+                        log.write(rec)
+                    if reason.startswith("signal"):
+                        stopped_by = reason
+                        break
             seconds = time.perf_counter() - t0
-            path = self.save()
+            if stopped_by is None:
+                path = self.save()
         finally:
+            self.signals.uninstall()
             bar.close()
             if log:
                 log.close()
         steps = self.step_count - start_step
         return Summary(steps, seconds, self.global_batch * steps / max(seconds, 1e-9), acc, test_loss,
-                       self.out_dir, path)
+                       self.out_dir, path, stopped_by)
+
+    def checkpoint_due(self) -> str | None:
+        """All ranks agree whether to checkpoint after this step, and why (one tiny Allreduce).
+
+        A signal may reach the ranks at different steps: the MAX makes the first one win everywhere.
+        Time-based checkpoints follow rank 0's clock.
+        """
+        c = self.cfg.checkpoint
+        flags = np.zeros(3, dtype=np.int32)  # [signal number seen, time due (rank 0), step due]
+        flags[0] = self.signals.received
+        if c.every_seconds and self.grid.is_root:
+            flags[1] = time.monotonic() - self.last_ckpt_time >= c.every_seconds
+        flags[2] = bool(c.every_steps) and self.step_count % c.every_steps == 0
+        self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if flags[0]:
+            self.signals.received = int(flags[0])
+            if not self.signals.received_at:
+                self.signals.received_at = time.time()
+            return f"signal {signal.Signals(int(flags[0])).name}"
+        if flags[1]:
+            return "every_seconds"
+        if flags[2]:
+            return "every_steps"
+        return None
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def snapshot(self) -> checkpoint.Checkpoint:
-        f = self.flat
-        params = {k: f.param(k).copy() for k in f.keys()}
-        optim_state = {s: {k: f.view_of(a, k).copy() for k in f.keys()} for s, a in self.opt_state.items()}
+    def checkpoint_attrs(self) -> dict:
         epoch, batch = self.loader.position(self.step_count)
         g = self.grid
-        attrs = dict(step=self.step_count, epoch=epoch, batch_in_epoch=batch, seed=self.cfg.run.seed,
-                     opt_steps=self.opt_steps, skipped=self.skipped, lr=self.lr(max(self.step_count - 1, 0)),
-                     config=config.to_toml(self.cfg), world=np.array([g.dp, g.pp, g.tp], dtype=np.int64),
-                     optimizer=self.opt.name)
-        return checkpoint.Checkpoint(params, optim_state, attrs)
+        return dict(step=self.step_count, epoch=epoch, batch_in_epoch=batch, seed=self.cfg.run.seed,
+                    opt_steps=self.opt_steps, skipped=self.skipped, lr=self.lr(max(self.step_count - 1, 0)),
+                    config=config.to_toml(self.cfg), world=np.array([g.dp, g.pp, g.tp], dtype=np.int64),
+                    optimizer=self.opt.name)
+
+    def checkpoint_pieces(self) -> list[checkpoint.Piece]:
+        """This rank's rows of every global array: dp replicas hold the same tensors and split the rows."""
+        f, g = self.flat, self.grid
+        arrays = [("params", f.data)] + [(f"optim/{s}", a) for s, a in sorted(self.opt_state.items())]
+        pieces = []
+        for prefix, buf in arrays:
+            for k in f.keys():
+                full = f.view_of(buf, k)
+                lo, hi = checkpoint.rows_of(full.shape[0], g.dp_rank, g.dp)
+                pieces.append(checkpoint.Piece(f"{prefix}/{k.replace('.', '/')}", full.shape, full[lo:hi], lo))
+        return pieces
 
     def save(self) -> str:
-        """Checkpoint at the current step (data parallel: every replica holds it all; rank 0 writes)."""
+        """Checkpoint at the current step: every rank writes its rows of one file (parallel HDF5)."""
         path = os.path.join(self.out_dir, "checkpoints", checkpoint.file_name(self.step_count))
+        checkpoint.write_parallel(path, self.grid.world, self.checkpoint_pieces(), self.checkpoint_attrs())
         if self.grid.is_root:
-            checkpoint.write(path, self.snapshot())
             checkpoint.prune(self.out_dir, self.cfg.checkpoint.keep)
-        self.grid.world.Barrier()
+        self.last_ckpt_time = time.monotonic()
         return path
+
+    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> None:
+        """Load global arrays into this rank's buffers; the data position follows from the step."""
+        f = self.flat
+        same_optimizer = ckpt.attrs.get("optimizer") == self.opt.name
+        checkpoint.check_complete(path, ckpt, f.keys(), list(self.opt_state) if same_optimizer else [])
+        for k in f.keys():
+            if ckpt.params[k].shape != f.param(k).shape:
+                raise DataError(f"{path}: /params/{k.replace('.', '/')} has shape {ckpt.params[k].shape}, "
+                                f"the model needs {f.param(k).shape}")
+            f.param(k)[...] = ckpt.params[k]
+        if same_optimizer:
+            for s, a in self.opt_state.items():
+                for k in f.keys():
+                    f.view_of(a, k)[...] = ckpt.optim[s][k]
+        else:
+            self.notes.append(f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
+                              f"{self.opt.name}: it starts fresh")
+        self.step_count = int(ckpt.attrs["step"])
+        self.opt_steps = int(ckpt.attrs.get("opt_steps", self.step_count))
+        self.skipped = int(ckpt.attrs.get("skipped", 0))
+        self.resumed_from = path
+        self.notes.append(f"resuming from {path} at step {self.step_count}")
+
+
+class StopSignals:
+    """SIGUSR1/SIGTERM (what Slurm sends before walltime) ask for a checkpoint at the next step boundary."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = 0
+        self.received_at = 0.0
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        self.received = signum
+        self.received_at = self.received_at or time.time()
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handler)
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+def slurm_fields(env=os.environ) -> dict:
+    """Slurm's job id and restart count, recorded with the metrics when running under Slurm."""
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    return dict(slurm_job_id=env["SLURM_JOB_ID"], slurm_restart_count=int(env.get("SLURM_RESTART_COUNT", 0)))
 
 
 def make_run_dir(cfg: config.JobConfig, out_dir: str) -> None:

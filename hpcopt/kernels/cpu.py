@@ -128,3 +128,41 @@ def count_correct(logits, labels):
         if best == labels[i]:
             n += 1
     return n
+
+
+CHECKSUM_MOD = 2147483647  # 2**31 - 1
+_CHECKSUM_CHUNK = 1 << 14   # per chunk, sum(j * w) < 2**14 * 2**14 * 2**32 = 2**60: no overflow, no mod inside
+
+
+@njit(parallel=True, cache=True)
+def checksum_parts(words, first):
+    """Position-weighted Fletcher sums of uint32 words whose global word index starts at `first`.
+
+    Returns (s1, s2) = (sum w_i, sum (i + 1) w_i) mod 2**31 - 1. Both are sums over positions, so the
+    checksum of a global array is the sum of its slices' parts, whoever wrote which slice: a
+    checkpoint written by any layout is verified by any reader. A flipped bit changes s1; a moved
+    word changes s2. The inner loop is multiply-add only (the mod is taken once per chunk).
+    """
+    n = words.shape[0]
+    nchunks = (n + _CHECKSUM_CHUNK - 1) // _CHECKSUM_CHUNK
+    p1 = np.zeros(nchunks, dtype=np.uint64)
+    p2 = np.zeros(nchunks, dtype=np.uint64)
+    m = np.uint64(CHECKSUM_MOD)
+    for c in prange(nchunks):
+        lo = c * _CHECKSUM_CHUNK
+        hi = min(n, lo + _CHECKSUM_CHUNK)
+        a = np.uint64(0)
+        b = np.uint64(0)
+        for i in range(lo, hi):
+            w = np.uint64(words[i])
+            a += w
+            b += np.uint64(i - lo) * w
+        base = np.uint64(first + lo + 1) % m  # sum (i+1) w = sum (i-lo) w + (first+lo+1) sum w
+        p1[c] = a % m
+        p2[c] = (b % m + base * (a % m)) % m
+    s1 = np.uint64(0)
+    s2 = np.uint64(0)
+    for c in range(nchunks):
+        s1 = (s1 + p1[c]) % m
+        s2 = (s2 + p2[c]) % m
+    return s1, s2

@@ -37,7 +37,7 @@ BAD_JOBS = [
     ("short betas", "", ["optimizer.betas=[0.9]"], "optimizer.betas needs at least 2 entries"),
     ("beta >= 1", "", ["optimizer.betas=[0.9, 1.5]"], "optimizer.betas must be < 1"),
     ("features mismatch", "", ["model.layers=[32, 10]"], "model.layers[0] = 32 but"),
-    ("top-level key", "lr = 1\n", [], "lr must be a [section] table"),
+    ("top-level key", "PREPEND:lr = 1\n", [], "lr must be a [section] table"),
     ("negative steps", "", ["run.steps=-5"], "run.steps must be >= 0"),
     ("unknown device", "", ["backend.device=\"tpu\""], "backend.device must be one of cpu, cuda"),
     ("batch > data", "", ["data.batch_size=5000"], "data.batch_size = 5000 is larger than the 1438"),
@@ -117,7 +117,8 @@ def one_error_line(capsys) -> str:
 def test_bad_job(name, toml, overrides, expected, tmp_path, digits, existing_run, capsys):
     run, files = existing_run
     job = tmp_path / "job.toml"
-    job.write_text(GOOD.format(data=digits) + toml)
+    good = GOOD.format(data=digits)
+    job.write_text(toml[len("PREPEND:"):] + good if toml.startswith("PREPEND:") else good + toml)
     code = cli.main(["train", str(job), f"run.out_dir={run}", "--quiet", *overrides])
     line = one_error_line(capsys)
     assert code == 2, line

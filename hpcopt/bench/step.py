@@ -1,0 +1,97 @@
+"""One training step of the MLP 784-1024-1024-10 (batch 256, Adam) in one process, vs PyTorch CPU.
+
+Both sides run forward, backward and the optimizer update on the same in-memory batch, with the same
+thread count; PyTorch uses `torch.optim.Adam(fused=True)`. Reported: samples/s (median over repeats)
+and the ratio hpcopt / PyTorch (target >= 1.0).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--layers", default="784,1024,1024,10", help="MLP widths (default 784,1024,1024,10)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+
+
+def _time_steps(step, steps: int, repeats: int) -> list[float]:
+    step()
+    step()  # warm-up: kernels compiled, buffers touched
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def hpcopt_step(widths, batch, x, y):
+    from ..config import OptimizerConfig
+    from ..nn import MLP
+    from ..optim import build
+    from ..optim.clip import clip_and_check
+
+    model = MLP(widths, "relu", "softmax_ce", "float32", seed=0)
+    opt = build(OptimizerConfig(name="adam", lr=1e-3), model.flat.segments())
+    state = opt.init_state(model.flat.size)
+    t = [0]
+
+    def step():
+        model.loss_and_grad(x, y, batch)
+        clip_and_check(model.flat.grad, 0.0, 0.0)  # the trainer's norm / non-finite pass
+        t[0] += 1
+        opt.step(model.flat.data, model.flat.grad, state, t[0], 1e-3)
+
+    return step
+
+
+def torch_step(widths, batch, x, y, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(xt), yt).backward()
+        opt.step()
+
+    return step
+
+
+def run(args) -> list[dict]:
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    widths = [int(w) for w in args.layers.split(",")]
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, widths[0]), dtype=np.float32)
+    y = rng.integers(0, widths[-1], args.batch)
+    ours = statistics.median(_time_steps(hpcopt_step(widths, args.batch, x, y), args.steps, args.repeats))
+    row = dict(name=f"train step MLP {args.layers} batch {args.batch} adam", unit="samples/s",
+               hpcopt=args.batch / ours, peer_name="torch (PyTorch CPU, Adam fused)", peer=None, ratio=None,
+               limit=None, threads=args.threads, hpcopt_ms=1e3 * ours)
+    try:
+        import torch
+    except ImportError:
+        row["peer_name"] = "torch not installed (pip install 'hpcopt[dev]')"
+        return [row]
+    theirs = statistics.median(_time_steps(torch_step(widths, args.batch, x, y, args.threads),
+                                           args.steps, args.repeats))
+    row.update(peer_name=f"torch {torch.__version__} Adam(fused=True)", peer=args.batch / theirs,
+               ratio=theirs / ours, peer_ms=1e3 * theirs)
+    return [row]
