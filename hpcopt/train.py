@@ -83,24 +83,24 @@ RESUME_KEYS = (("model", "layers"), ("model", "activation"), ("model", "loss"), 
                ("optimizer", "name"))
 
 
-def choose_checkpoint(out_dir: str, resume: str) -> tuple[str | None, list[str]]:
-    """The checkpoint to resume from, and one-line notes about the ones passed over.
+def load_for_resume(comm: MPI.Comm, out_dir: str, resume: str):
+    """(checkpoint, its path, notes) to resume from; (None, None, notes) to start fresh. Collective.
 
-    `auto`: the newest checkpoint of the run directory that verifies (None: start fresh); a PATH
-    must verify or the run fails with its one-line reason.
+    `auto`: the newest checkpoint of the run directory that verifies, with one note per file passed
+    over; a PATH must verify or the run fails with its one-line reason.
     """
     if resume != "auto":
-        checkpoint.read(resume)
-        return resume, []
+        return checkpoint.read(resume, comm), resume, []
+    candidates = comm.bcast([p for _, p in reversed(checkpoint.list_checkpoints(out_dir))]
+                            if comm.Get_rank() == 0 else None)
     notes = []
-    for _, path in reversed(checkpoint.list_checkpoints(out_dir)):
+    for path in candidates:
         try:
-            checkpoint.read(path)
-            return path, notes
-        except DataError as e:
+            return checkpoint.read(path, comm), path, notes
+        except DataError as e:  # raised on every rank alike
             notes.append(f"skipping {e}")
     notes.append(f"no valid checkpoint in {out_dir}: starting from step 0")
-    return None, notes
+    return None, None, notes
 
 
 def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoint, force: bool) -> list[str]:
@@ -125,15 +125,11 @@ class Trainer:
         world = grid.world
         self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume)
         self.notes: list[str] = []  # one-line messages for the user (rank 0 prints them)
-        resume_path = None
+        ckpt = resume_path = None
         if resume is not None:
-            resume_path, notes = agree(world, lambda: choose_checkpoint(out_dir, resume) if grid.is_root
-                                       else (None, []))
-            resume_path, notes = world.bcast((resume_path, notes), root=0)
+            ckpt, resume_path, notes = load_for_resume(world, out_dir, resume)
             self.notes += notes
-        ckpt = None
-        if resume_path is not None:
-            ckpt = agree(world, checkpoint.read, resume_path)
+        if ckpt is not None:
             self.notes += agree(world, check_resumable, cfg, resume_path, ckpt, resume_force)
         if grid.is_root:
             make_run_dir(cfg, out_dir)

@@ -15,6 +15,7 @@ import sys
 SUITES = {  # name -> (module, one-line description); modules load only when their suite runs
     "step": ("hpcopt.bench.step", "one training step of the MLP 784-1024-1024-10 vs PyTorch CPU"),
     "optim": ("hpcopt.bench.optim", "optimizer kernels at 32M parameters vs torch.optim and the triad bound"),
+    "ckpt": ("hpcopt.bench.ckpt", "checkpoint save/load of 256 MB with 2 ranks vs numpy.save and torch.save"),
 }
 
 
