@@ -34,7 +34,7 @@ def _train(args) -> int:
     trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force)
     comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "
                     f"{trainer.total_steps} steps of {trainer.global_batch} samples, "
-                    f"optimizer {trainer.opt.name}, run directory {out_dir}")
+                    f"optimizer {trainer.strategy.opt.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
     summary = trainer.fit()
     comm.root_print(summary.line())
     return EXIT_RESUME if summary.stopped_by else 0

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, config, optim
+from . import checkpoint, config, parallel
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress
-from .nn import MLP
-from .optim.clip import clip_and_check
 from .optim.schedules import lr_at
-from .parallel.data import DataParallel
 
 PROCESS_START = time.time()  # for the restart-to-first-step figure
 
@@ -50,11 +47,6 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
 
     Raises a user error with one line; called through comm.agree so all ranks leave together.
     """
-    if grid.pp > 1 or grid.tp > 1:
-        raise ConfigError(f"{cfg.source}: parallel.pp/tp > 1 (pipeline and tensor parallel) are not available yet")
-    if cfg.parallel.strategy != "data":
-        raise ConfigError(f"{cfg.source}: parallel.strategy = \"{cfg.parallel.strategy}\" is not available yet "
-                          f"(available: data)")
     info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size)
     if info.features != cfg.model.layers[0]:
         raise ConfigError(f"{cfg.source}: model.layers[0] = {cfg.model.layers[0]} but {cfg.data.path} has "
@@ -131,19 +123,14 @@ class Trainer:
             self.notes += notes
         if ckpt is not None:
             self.notes += agree(world, check_resumable, cfg, resume_path, ckpt, resume_force)
+        self.strategy = agree(world, parallel.build, cfg, grid, self.global_batch)  # must not communicate
         if grid.is_root:
             make_run_dir(cfg, out_dir)
-        m = cfg.model
-        self.model = MLP(m.layers, m.activation, m.loss, m.dtype, seed=cfg.run.seed, init=m.init)
-        self.flat = self.model.flat
-        self.opt = agree(world, optim.build, cfg.optimizer, self.flat.segments(), device=cfg.backend.device,
-                         source=cfg.source)
-        self.opt_state = self.opt.init_state(self.flat.size)
+        dtype = self.strategy.dtype
         self.loader = ShardedLoader(cfg.data.path, "train", self.global_batch, grid.dp_rank, grid.dp,
-                                    cfg.run.seed, self.model.dtype)
-        self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, self.model.dtype)
+                                    cfg.run.seed, dtype)
+        self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, dtype)
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.loader.steps_per_epoch
-        self.strategy = DataParallel(grid.dp_comm)
         s = cfg.schedule
         base = s.base_batch_size or self.global_batch // grid.dp
         self.lr_scale = self.global_batch / base if s.scale_lr_with_batch else 1.0
@@ -152,29 +139,27 @@ class Trainer:
         self.skipped = 0         # steps skipped for a non-finite gradient
         self.resumed_from = None
         if ckpt is not None:
-            agree(world, self.restore, resume_path, ckpt)
+            self.notes += agree(world, self.strategy.restore, resume_path, ckpt)
+            self.restore_position(resume_path, ckpt)
         self.signals = StopSignals()
         self.last_ckpt_time = time.monotonic()
 
     # -- one step --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
-        return lr_at(step, self.opt.hp.lr, self.cfg.schedule, self.cfg.schedule.total_steps or self.total_steps,
+        return lr_at(step, self.strategy.opt.hp.lr, self.cfg.schedule, self.cfg.schedule.total_steps or self.total_steps,
                      self.lr_scale)
 
     def step(self) -> tuple[float, float, float]:
         """One global step. Returns (this rank's loss sum, lr, gradient norm)."""
         x, labels = self.loader.batch(self.step_count)
-        loss_sum = self.model.loss_and_grad(x, labels, self.global_batch)
-        self.strategy.sync_grads(self.flat.grad)
-        o = self.cfg.optimizer
-        norm, finite = clip_and_check(self.flat.grad, o.clip_norm, o.clip_value)
         lr = self.lr(self.step_count)
-        if finite:
+        r = self.strategy.step(x, labels, self.opt_steps + 1, lr)
+        loss_sum, norm = r.loss_sum, r.grad_norm
+        if r.applied:
             self.opt_steps += 1
-            self.opt.step(self.flat.data, self.flat.grad, self.opt_state, self.opt_steps, lr)
         else:
             self.skipped += 1
-            if o.on_nonfinite == "stop":  # the reduced gradient is the same on every rank: all stop
+            if self.cfg.optimizer.on_nonfinite == "stop":  # every rank saw the same norm: all stop
                 err = NonFiniteError(f"step {self.step_count}: non-finite gradient norm ({norm}); "
                                      f"optimizer.on_nonfinite = \"stop\"")
                 err.all_ranks = True
@@ -183,16 +168,16 @@ class Trainer:
         return loss_sum, lr, norm
 
     def evaluate(self) -> tuple[float, float]:
-        """(mean loss, accuracy) on the test split; each dp rank takes a contiguous share."""
+        """(mean loss, accuracy) on the test split; each dp replica takes a contiguous share."""
         n = self.test.n
         lo, hi = n * self.grid.dp_rank // self.grid.dp, n * (self.grid.dp_rank + 1) // self.grid.dp
         loss_sum, correct = 0.0, 0
         for start in range(lo, hi, 4096):
             x, y = self.test.slice(start, min(hi, start + 4096))
-            ls, c = self.model.evaluate(x, y)
+            ls, c = self.strategy.evaluate(x, y)
             loss_sum, correct = loss_sum + ls, correct + c
         totals = np.array([loss_sum, correct], dtype=np.float64)
-        self.strategy.comm.Allreduce(MPI.IN_PLACE, totals)
+        self.grid.world.Allreduce(MPI.IN_PLACE, totals)  # contributions sum over the world
         return totals[0] / n, totals[1] / n
 
     # -- the loop ----------------------------------------------------------------------------
@@ -224,7 +209,7 @@ class Trainer:
                                    start_to_first_step_s=time.time() - PROCESS_START, **slurm))
                 last = done == self.total_steps
                 if done % every == 0 or last:
-                    loss = self.strategy.comm.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))
+                    loss = self.grid.world.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))
                     now = time.perf_counter()
                     rec = dict(step=done, epoch=self.loader.position(done - 1)[0], loss=loss, lr=lr,
                                grad_norm=norm, skipped=self.skipped,
@@ -297,46 +282,19 @@ class Trainer:
         return dict(step=self.step_count, epoch=epoch, batch_in_epoch=batch, seed=self.cfg.run.seed,
                     opt_steps=self.opt_steps, skipped=self.skipped, lr=self.lr(max(self.step_count - 1, 0)),
                     config=config.to_toml(self.cfg), world=np.array([g.dp, g.pp, g.tp], dtype=np.int64),
-                    optimizer=self.opt.name)
-
-    def checkpoint_pieces(self) -> list[checkpoint.Piece]:
-        """This rank's rows of every global array: dp replicas hold the same tensors and split the rows."""
-        f, g = self.flat, self.grid
-        arrays = [("params", f.data)] + [(f"optim/{s}", a) for s, a in sorted(self.opt_state.items())]
-        pieces = []
-        for prefix, buf in arrays:
-            for k in f.keys():
-                full = f.view_of(buf, k)
-                lo, hi = checkpoint.rows_of(full.shape[0], g.dp_rank, g.dp)
-                pieces.append(checkpoint.Piece(f"{prefix}/{k.replace('.', '/')}", full.shape, full[lo:hi], lo))
-        return pieces
+                    optimizer=self.strategy.opt.name, strategy=self.strategy.name)
 
     def save(self) -> str:
         """Checkpoint at the current step: every rank writes its rows of one file (parallel HDF5)."""
         path = os.path.join(self.out_dir, "checkpoints", checkpoint.file_name(self.step_count))
-        checkpoint.write_parallel(path, self.grid.world, self.checkpoint_pieces(), self.checkpoint_attrs())
+        checkpoint.write_parallel(path, self.grid.world, self.strategy.checkpoint_pieces(), self.checkpoint_attrs())
         if self.grid.is_root:
             checkpoint.prune(self.out_dir, self.cfg.checkpoint.keep)
         self.last_ckpt_time = time.monotonic()
         return path
 
-    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> None:
-        """Load global arrays into this rank's buffers; the data position follows from the step."""
-        f = self.flat
-        same_optimizer = ckpt.attrs.get("optimizer") == self.opt.name
-        checkpoint.check_complete(path, ckpt, f.keys(), list(self.opt_state) if same_optimizer else [])
-        for k in f.keys():
-            if ckpt.params[k].shape != f.param(k).shape:
-                raise DataError(f"{path}: /params/{k.replace('.', '/')} has shape {ckpt.params[k].shape}, "
-                                f"the model needs {f.param(k).shape}")
-            f.param(k)[...] = ckpt.params[k]
-        if same_optimizer:
-            for s, a in self.opt_state.items():
-                for k in f.keys():
-                    f.view_of(a, k)[...] = ckpt.optim[s][k]
-        else:
-            self.notes.append(f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
-                              f"{self.opt.name}: it starts fresh")
+    def restore_position(self, path: str, ckpt: checkpoint.Checkpoint) -> None:
+        """The step counters; the data position follows from the step (counter-based loader)."""
         self.step_count = int(ckpt.attrs["step"])
         self.opt_steps = int(ckpt.attrs.get("opt_steps", self.step_count))
         self.skipped = int(ckpt.attrs.get("skipped", 0))

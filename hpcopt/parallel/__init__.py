@@ -1,1 +1,27 @@
-"""Parallel strategies: how gradients and parameters move between ranks."""
+"""Parallel strategies: how one global step's gradients and parameters move between ranks.
+
+`parallel.strategy` names one; `build` makes it. A strategy module is imported only when chosen.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+
+# parallel.strategy -> "module:Class"
+STRATEGIES = {
+    "data": "hpcopt.parallel.data:DataParallel",
+}
+
+
+def build(cfg, grid, global_batch: int):
+    """The strategy of cfg.parallel.strategy for this grid. Raises ConfigError for what is not built."""
+    name = cfg.parallel.strategy
+    if name not in STRATEGIES:
+        raise ConfigError(f"{cfg.source}: parallel.strategy = \"{name}\" is not available "
+                          f"(available: {', '.join(STRATEGIES)})")
+    if name == "data" and (grid.pp > 1 or grid.tp > 1):
+        raise ConfigError(f"{cfg.source}: parallel.pp/tp > 1 need parallel.strategy = \"pipeline\", "
+                          f"\"tensor\" or \"hybrid\"")
+    module, cls = STRATEGIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, grid, global_batch)

@@ -1,0 +1,103 @@
+"""What every parallel strategy provides to the Trainer (DESIGN §1).
+
+A strategy owns this rank's part of the model (`model`, with its `flat` buffers), the optimizer and
+its state, and runs one global step: forward/backward on this rank's data, gradient exchange,
+clipping and the non-finite check, and the update. The Trainer owns the loop, data, metrics,
+evaluation bookkeeping, signals and when to checkpoint; it never looks inside a strategy.
+
+Contract (every method is called by every rank, in the same order):
+    step(x, labels, t, lr) -> StepResult   x, labels: this rank's dp slice of the global batch;
+                                           t: 1-based index of the update if applied; lr: after schedule
+    evaluate(x, labels) -> (loss_sum, n_correct)   contributions that SUM over the world to the totals
+    checkpoint_pieces() -> [checkpoint.Piece]      this rank's share of every global dataset
+    restore(path, ckpt)                            global arrays -> this rank's buffers and state
+`StepResult.loss_sum` is likewise this rank's contribution: summed over the world it is the global
+batch's loss sum (a pipeline's last stage reports it, other stages 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import checkpoint, optim
+from ..comm import Grid
+from ..config import JobConfig
+from ..errors import DataError
+from ..nn import MLP
+from ..optim.clip import clip_and_check
+
+
+@dataclass
+class StepResult:
+    loss_sum: float     # this rank's contribution to the global batch's loss sum
+    grad_norm: float    # global gradient L2 norm before clipping (inf/nan if non-finite)
+    applied: bool       # False: non-finite gradient, update skipped on every rank
+
+
+class Strategy:
+    """Base: one full model replica per rank (data parallel); subclasses change the pieces."""
+
+    name = "base"
+
+    def __init__(self, cfg: JobConfig, grid: Grid, global_batch: int):
+        self.cfg, self.grid, self.global_batch = cfg, grid, global_batch
+        m = cfg.model
+        self.model = MLP(m.layers, m.activation, m.loss, m.dtype, seed=cfg.run.seed, init=m.init)
+        self.flat = self.model.flat
+        self.opt = optim.build(cfg.optimizer, self.flat.segments(), device=cfg.backend.device, source=cfg.source)
+        self.opt_state = self.opt.init_state(self.flat.size)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.model.dtype
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
+        raise NotImplementedError
+
+    def clip_and_update(self, t: int, lr: float, norm_comm: MPI.Comm | None = None) -> tuple[float, bool]:
+        """Clip the (already exchanged) gradients, check them, update. norm_comm: where the squared
+        norm must be summed when each rank holds only part of the gradient (None: it holds all)."""
+        o = self.cfg.optimizer
+        allreduce = None if norm_comm is None or norm_comm.Get_size() == 1 else (
+            lambda v: norm_comm.allreduce(v, op=MPI.SUM))
+        norm, finite = clip_and_check(self.flat.grad, o.clip_norm, o.clip_value, allreduce)
+        if finite:
+            self.opt.step(self.flat.data, self.flat.grad, self.opt_state, t, lr)
+        return norm, finite
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        return self.model.evaluate(x, labels)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_pieces(self) -> list[checkpoint.Piece]:
+        """Replicas hold the same tensors and split each one's rows: every byte is written once."""
+        f, g = self.flat, self.grid
+        arrays = [("params", f.data)] + [(f"optim/{s}", a) for s, a in sorted(self.opt_state.items())]
+        pieces = []
+        for prefix, buf in arrays:
+            for k in f.keys():
+                full = f.view_of(buf, k)
+                lo, hi = checkpoint.rows_of(full.shape[0], g.dp_rank, g.dp)
+                pieces.append(checkpoint.Piece(f"{prefix}/{k.replace('.', '/')}", full.shape, full[lo:hi], lo))
+        return pieces
+
+    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
+        """Load global arrays into this rank's buffers. Returns notes for the user."""
+        f = self.flat
+        same_optimizer = ckpt.attrs.get("optimizer") == self.opt.name
+        checkpoint.check_complete(path, ckpt, f.keys(), list(self.opt_state) if same_optimizer else [])
+        for k in f.keys():
+            if ckpt.params[k].shape != f.param(k).shape:
+                raise DataError(f"{path}: /params/{k.replace('.', '/')} has shape {ckpt.params[k].shape}, "
+                                f"the model needs {f.param(k).shape}")
+            f.param(k)[...] = ckpt.params[k]
+        if same_optimizer:
+            for s, a in self.opt_state.items():
+                for k in f.keys():
+                    f.view_of(a, k)[...] = ckpt.optim[s][k]
+            return []
+        return [f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
+                f"{self.opt.name}: it starts fresh"]
