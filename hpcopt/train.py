@@ -17,10 +17,9 @@ from . import checkpoint, config, parallel
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
-from .metrics import MetricsLog, Progress
+from .metrics import MetricsLog, Progress, process_start_time
 from .optim.schedules import lr_at
 
-PROCESS_START = time.time()  # for the restart-to-first-step figure
 
 
 @dataclass
@@ -206,7 +205,7 @@ class Trainer:
                 done = self.step_count
                 if done == start_step + 1 and root:
                     log.write(dict(event="first_step", step=done,
-                                   start_to_first_step_s=time.time() - PROCESS_START, **slurm))
+                                   start_to_first_step_s=time.time() - process_start_time(), **slurm))
                 last = done == self.total_steps
                 if done % every == 0 or last:
                     loss = self.grid.world.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))

@@ -15,7 +15,9 @@ from typing import Any
 
 from .base import Optimizer
 
-_COMMON = dict(lr=1e-3, dampening=0.0, weight_decay=0.0)  # lr: torch.optim.SGD's default
+# lr departs from torch.optim.SGD's 1e-3, which barely moves a model in a few thousand steps (digits:
+# 41% after 880 steps): 0.1 for plain SGD, 0.01 with momentum 0.9 (the same effective step lr/(1-m)).
+_COMMON = dict(dampening=0.0, weight_decay=0.0)
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,9 @@ class SGDHyperparams:
 
 class SGD(Optimizer):
     defaults = {
-        "sgd": dict(_COMMON, momentum=0.0, nesterov=False),
-        "momentum": dict(_COMMON, momentum=0.9, nesterov=False),
-        "nesterov": dict(_COMMON, momentum=0.9, nesterov=True),
+        "sgd": dict(_COMMON, lr=0.1, momentum=0.0, nesterov=False),
+        "momentum": dict(_COMMON, lr=0.01, momentum=0.9, nesterov=False),
+        "nesterov": dict(_COMMON, lr=0.01, momentum=0.9, nesterov=True),
     }
     hp_type = SGDHyperparams
 

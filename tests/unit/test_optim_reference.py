@@ -111,6 +111,8 @@ def test_defaults_are_torchs(torch):
         for key, ours in optim.DEFAULTS[name].items():
             if name in ("momentum", "nesterov") and key in ("momentum", "nesterov"):
                 continue  # torch.optim.SGD has no momentum by default; these names mean momentum
+            if name in ("sgd", "momentum", "nesterov") and key == "lr":
+                continue  # hpcopt's one documented departure (torch's 1e-3 barely trains): see sgd.py
             theirs = sig[key].default
             assert tuple(theirs) == ours if key == "betas" else theirs == ours, (name, key, ours, theirs)
 
