@@ -15,6 +15,7 @@ from mpi4py import MPI
 
 from . import errors
 from .errors import ConfigError, HpcoptError
+from .threads import pin_threads, threads_per_rank  # noqa: F401  (re-exported for the CLI)
 
 
 @dataclass
@@ -76,28 +77,6 @@ def ranks_on_node(world: MPI.Comm) -> int:
     n = node.Get_size()
     node.Free()
     return n
-
-
-def threads_per_rank(requested: int, local_ranks: int) -> int:
-    """`backend.threads`, or this node's cores (or Slurm's CPUs per task) split among its ranks."""
-    if requested > 0:
-        return requested
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and cpus.isdigit() and int(cpus) > 0:
-        return int(cpus)
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this rank may run on (mpirun/srun binding)
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_ranks))
-
-
-def pin_threads(n: int) -> None:
-    """Limit BLAS/OpenMP threads to n. Effective only before numpy is first imported; Numba is set later."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        os.environ[var] = str(n)
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(n, 1)))
 
 
 def agree(world: MPI.Comm, fn, *args, **kwargs):

@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run_suite(args) -> int:
     import os
 
-    from ..comm import pin_threads
+    from ..threads import pin_threads
 
     modname, desc = SUITES[args.suite]
     p = argparse.ArgumentParser(prog=f"hpcopt bench {args.suite}", description=desc)
