@@ -36,10 +36,10 @@ def opt(default: Any, *, gt: float | None = None, ge: float | None = None, le: f
 @dataclass
 class RunConfig:
     name: str = opt("run", doc="run name; the default out_dir is runs/<name>")
-    seed: int = opt(0, ge=0)
+    seed: int = opt(0, ge=0, doc="keys the init and the data order (counter-based: any rank count, same run)")
     out_dir: str = opt("", doc="run directory; empty: runs/<name> (runs/<name>-<jobid> under Slurm)")
     steps: int = opt(0, ge=0, doc="optimizer steps; 0: run.epochs worth of steps")
-    epochs: int = opt(1, ge=1)
+    epochs: int = opt(1, ge=1, doc="passes over the training data, when run.steps = 0")
     log_every: int = opt(10, ge=1, doc="steps between metrics lines")
     eval_every: int = opt(0, ge=0, doc="steps between test-set evaluations; 0: only at the end")
 
@@ -54,25 +54,25 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     layers: list[int] = opt([64, 128, 10], length=2, ge=1, doc="widths: input, hidden..., output")
-    activation: str = opt("relu", choices=("relu", "tanh", "sigmoid"))
-    loss: str = opt("softmax_ce", choices=("softmax_ce", "mse"))
-    dtype: str = opt("float32", choices=("float32", "float64"))
-    init: str = opt("he", choices=("he", "xavier"))
+    activation: str = opt("relu", choices=("relu", "tanh", "sigmoid"), doc="between layers; none after the last")
+    loss: str = opt("softmax_ce", choices=("softmax_ce", "mse"), doc="mse: against one-hot labels, mean over outputs")
+    dtype: str = opt("float32", choices=("float32", "float64"), doc="parameters, activations and optimizer state")
+    init: str = opt("he", choices=("he", "xavier"), doc="he: normal(0, sqrt(2/n_in)); xavier: Glorot uniform; biases 0")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = opt("adam", choices=OPTIMIZERS)
+    name: str = opt("adam", choices=OPTIMIZERS, doc="see docs/optimizers.md")
     lr: float | None = opt(None, gt=0, doc="None: the optimizer's default (torch.optim's)")
-    momentum: float | None = opt(None, ge=0, lt=1)
-    dampening: float | None = opt(None, ge=0, le=1)
-    nesterov: bool | None = opt(None)
-    betas: list[float] | None = opt(None, ge=0, lt=1, length=2)
-    eps: float | None = opt(None, gt=0)
-    weight_decay: float | None = opt(None, ge=0)
-    amsgrad: bool | None = opt(None)
+    momentum: float | None = opt(None, ge=0, lt=1, doc="sgd/momentum/nesterov/rmsprop/lars")
+    dampening: float | None = opt(None, ge=0, le=1, doc="sgd/momentum")
+    nesterov: bool | None = opt(None, doc="sgd: Nesterov momentum (the same as name = nesterov)")
+    betas: list[float] | None = opt(None, ge=0, lt=1, length=2, doc="adam family and lamb: [beta1, beta2]")
+    eps: float | None = opt(None, gt=0, doc="added to the denominator")
+    weight_decay: float | None = opt(None, ge=0, doc="L2 (decoupled for adamw and lamb)")
+    amsgrad: bool | None = opt(None, doc="adam/adamw: keep the max of v")
     alpha: float | None = opt(None, ge=0, lt=1, doc="rmsprop smoothing constant")
-    centered: bool | None = opt(None)
+    centered: bool | None = opt(None, doc="rmsprop: normalise by the variance estimate")
     rho: float | None = opt(None, ge=0, le=1, doc="adadelta decay")
     lr_decay: float | None = opt(None, ge=0, doc="adagrad")
     initial_accumulator_value: float | None = opt(None, ge=0, doc="adagrad")
@@ -85,8 +85,8 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("constant", choices=SCHEDULES)
-    warmup_steps: int = opt(0, ge=0)
+    name: str = opt("constant", choices=SCHEDULES, doc="lr as a function of the step (docs/optimizers.md)")
+    warmup_steps: int = opt(0, ge=0, doc="linear warm-up to the base lr, then the schedule")
     step_size: int = opt(100, ge=1, doc="step: decay every step_size steps")
     gamma: float = opt(0.1, gt=0, le=1, doc="step/exponential: decay factor")
     min_lr: float = opt(0.0, ge=0, doc="cosine/linear: final lr")
@@ -116,12 +116,12 @@ class ParallelConfig:
 class CheckpointConfig:
     every_steps: int = opt(0, ge=0, doc="0: off")
     every_seconds: float = opt(0.0, ge=0, doc="0: off")
-    keep: int = opt(3, ge=1)
+    keep: int = opt(3, ge=1, doc="newest checkpoints kept; older ones removed after a commit")
 
 
 @dataclass
 class BackendConfig:
-    device: str = opt("cpu", choices=("cpu", "cuda"))
+    device: str = opt("cpu", choices=("cpu", "cuda"), doc="where optimizer kernels run (cuda: numba.cuda)")
     threads: int = opt(0, ge=0, doc="threads per rank (BLAS and Numba); 0: cores / ranks on the node")
 
 
@@ -339,3 +339,36 @@ def from_toml_text(text: str, source: str) -> JobConfig:
 
 def as_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     return {s: dataclasses.asdict(cfg.section(s)) for s in SECTIONS}
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every section and key with its type, default, bounds and meaning."""
+    out = ["# Job config reference", "",
+           "A job is a TOML file of these sections; every key can be overridden on the command line as",
+           "`section.key=value` (the value in TOML syntax; a bare word is taken as a string). A default of",
+           "`-` means the component's own default (for `[optimizer]`: the optimizer's, see optimizers.md).",
+           "This page is generated from `hpcopt/config.py` (`python -m hpcopt.config > docs/config.md`).", ""]
+    hints = typing.get_type_hints
+    for section in SECTIONS:
+        sec_type = type(getattr(JobConfig(), section))
+        out += [f"## [{section}]", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(sec_type):
+            m = f.metadata
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            allowed = []
+            if m.get("choices"):
+                allowed.append(", ".join(m["choices"]))
+            for bound, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                if m.get(bound) is not None:
+                    allowed.append(f"{word} {m[bound]:g}")
+            if m.get("length"):
+                allowed.append(f"at least {m['length']} entries")
+            out.append(f"| `{f.name}` | {_type_name(hints(sec_type)[f.name])} | "
+                       f"{'-' if default is None else '`' + _fmt(default) + '`'} | {'; '.join(allowed)} | "
+                       f"{m.get('doc', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

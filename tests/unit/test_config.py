@@ -49,3 +49,11 @@ def test_slurm_job_id_names_default_run_dir():
     assert config.resolve_out_dir(cfg, {"SLURM_JOB_ID": "77"}) == "runs/abc-77"
     cfg.run.out_dir = "elsewhere"
     assert config.resolve_out_dir(cfg, {"SLURM_JOB_ID": "77"}) == "elsewhere"
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md lists every key as the code has it (regenerate: python -m hpcopt.config)."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "config.md")
+    assert open(path).read() == config.reference_markdown()
