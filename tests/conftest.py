@@ -10,12 +10,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mpirun_cmd(n: int, args: list[str]) -> list[str]:
-    """`mpirun -n N python -m mpi4py ...`-style command; one thread per rank (ranks share 2 cores)."""
+def mpirun_cmd(n: int, args: list[str], export: tuple[str, ...] = ()) -> list[str]:
+    """`mpirun -n N python ARGS`; one thread per rank (ranks share 2 cores); `export`: more env vars."""
     cmd = ["mpirun", "-n", str(n), "--oversubscribe", "--bind-to", "none"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "PYTHONPATH"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "PYTHONPATH", *export):
         cmd += ["-x", var]
     return cmd + [sys.executable] + args
 

@@ -46,8 +46,13 @@ class Strategy:
         m = cfg.model
         self.model = MLP(m.layers, m.activation, m.loss, m.dtype, seed=cfg.run.seed, init=m.init)
         self.flat = self.model.flat
-        self.opt = optim.build(cfg.optimizer, self.flat.segments(), device=cfg.backend.device, source=cfg.source)
+        self.device = cfg.backend.device
+        self.opt = optim.build(cfg.optimizer, self.flat.segments(), device=self.device, source=cfg.source)
         self.opt_state = self.opt.init_state(self.flat.size)
+        if self.device == "cuda":  # optimizer kernels on the GPU over device mirrors of the flat buffers
+            from numba import cuda
+
+            self.d_params, self.d_grad = cuda.to_device(self.flat.data), cuda.device_array_like(self.flat.grad)
 
     @property
     def dtype(self) -> np.dtype:
@@ -63,10 +68,23 @@ class Strategy:
         o = self.cfg.optimizer
         allreduce = None if norm_comm is None or norm_comm.Get_size() == 1 else (
             lambda v: norm_comm.allreduce(v, op=MPI.SUM))
+        if self.device == "cuda":  # the network runs on the host: its gradient goes over, parameters back
+            self.d_grad.copy_to_device(self.flat.grad)
+            norm, finite = clip_and_check(self.d_grad, o.clip_norm, o.clip_value, allreduce)
+            if finite:
+                self.opt.step(self.d_params, self.d_grad, self.opt_state, t, lr)
+                self.d_params.copy_to_host(self.flat.data)
+            return norm, finite
         norm, finite = clip_and_check(self.flat.grad, o.clip_norm, o.clip_value, allreduce)
         if finite:
             self.opt.step(self.flat.data, self.flat.grad, self.opt_state, t, lr)
         return norm, finite
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state as host arrays (copied from the GPU when backend.device = "cuda")."""
+        if self.device == "cuda":
+            return {s: a.copy_to_host() for s, a in self.opt_state.items()}
+        return self.opt_state
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         return self.model.evaluate(x, labels)
@@ -75,7 +93,7 @@ class Strategy:
     def checkpoint_pieces(self) -> list[checkpoint.Piece]:
         """Replicas hold the same tensors and split each one's rows: every byte is written once."""
         f, g = self.flat, self.grid
-        arrays = [("params", f.data)] + [(f"optim/{s}", a) for s, a in sorted(self.opt_state.items())]
+        arrays = [("params", f.data)] + [(f"optim/{s}", a) for s, a in sorted(self.host_state().items())]
         pieces = []
         for prefix, buf in arrays:
             for k in f.keys():
@@ -94,10 +112,14 @@ class Strategy:
                 raise DataError(f"{path}: /params/{k.replace('.', '/')} has shape {ckpt.params[k].shape}, "
                                 f"the model needs {f.param(k).shape}")
             f.param(k)[...] = ckpt.params[k]
+        if self.device == "cuda":
+            self.d_params.copy_to_device(f.data)
         if same_optimizer:
-            for s, a in self.opt_state.items():
+            for s, a in self.host_state().items():
                 for k in f.keys():
                     f.view_of(a, k)[...] = ckpt.optim[s][k]
+                if self.device == "cuda":
+                    self.opt_state[s].copy_to_device(a)
             return []
         return [f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
                 f"{self.opt.name}: it starts fresh"]
