@@ -12,10 +12,13 @@ device functions, so the two back ends cannot drift apart.
 Precision: all element math is float32, like torch.optim's CPU kernels. Callers pass every scalar as
 `np.float32` (the public wrappers below do the casting): a Python float would make Numba compute in
 float64 and compile a second specialisation. Reductions accumulate in float64.
-fastmath, per kernel: the elementwise kernels are strict IEEE, except sgd, which allows `contract` (FMA),
-as torch's `add_(alpha=)` does, so plain SGD matches torch bit for bit. (Adam must not contract: AdamW's
-`p * (1 - lr*wd)` fused into the next subtraction skips a rounding that torch makes, and the difference
-drifts the same way every step.) Reductions allow `reassoc` (and `contract`) so the sum vectorises.
+fastmath, per kernel: the elementwise kernels are strict IEEE, never `contract` (FMA): whether LLVM
+fuses a multiply-add depends on whether a helper was inlined, which differs between a fresh compile and
+code loaded from Numba's cache, and a resumed run must be bitwise equal to the uninterrupted one (it
+was not, with FMA in sgd). (AdamW shows the cost of contracting: `p * (1 - lr*wd)` fused into the next
+subtraction skips a rounding that torch makes, and the difference drifts the same way every step.)
+Reductions allow `reassoc` (and `contract`) so the sum vectorises; they feed norms (clipping, lars/lamb
+trust ratios) computed in one function each, so fresh and cached code agree.
 No kernel lets LLVM assume finite values, so NaN/inf propagate and are detected. These choices keep
 200-step trajectories within a few float32 ulp of torch's (tested at rtol 1e-5); memory-bound kernels
 run at the same speed either way.
@@ -29,7 +32,6 @@ import numpy as np
 from numba import njit, prange
 
 _ELEM = dict(error_model="numpy", cache=True)                           # strict IEEE float32
-_FMA = dict(fastmath={"contract"}, error_model="numpy", cache=True)      # + fused multiply-add
 _REDUCE = dict(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
 
 F32 = np.float32
@@ -182,7 +184,7 @@ def _lamb_update_elem(i, params, exp_avg, exp_avg_sq, coef, inv_bias_correction1
 # ---------------------------------------------------------------------------------------------
 # Compiled elementwise helpers and the parallel loops over them.
 
-_sgd_e = njit(**_FMA)(_sgd_elem)
+_sgd_e = njit(**_ELEM)(_sgd_elem)
 _adagrad_e = njit(**_ELEM)(_adagrad_elem)
 _rmsprop_e = njit(**_ELEM)(_rmsprop_elem)
 _adadelta_e = njit(**_ELEM)(_adadelta_elem)
@@ -194,7 +196,7 @@ _lamb_moments_e = njit(**_ELEM)(_lamb_moments_elem)
 _lamb_update_e = njit(**_ELEM)(_lamb_update_elem)
 
 
-@njit(parallel=True, **_FMA)
+@njit(parallel=True, **_ELEM)
 def _sgd_kernel(params, grads, buf, lr, weight_decay, momentum, one_minus_dampening, nesterov, first):
     for i in prange(params.size):
         _sgd_e(i, params, grads, buf, lr, weight_decay, momentum, one_minus_dampening, nesterov, first)
