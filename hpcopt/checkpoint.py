@@ -125,6 +125,14 @@ class Checkpoint:
     params: dict[str, np.ndarray]
     optim: dict[str, dict[str, np.ndarray]]     # state name -> key -> array
     attrs: dict = field(default_factory=dict)   # step, epoch, seed, config, world, ...
+    window: MPI.Win | None = None               # the node-shared memory the arrays live in, if any
+
+    def release(self) -> None:
+        """Free the node-shared memory (collective over the node's ranks); the arrays become invalid."""
+        if self.window is not None:
+            self.params, self.optim = {}, {}
+            self.window.Free()
+            self.window = None
 
 
 def _fsync_dir(path: str) -> None:
@@ -142,51 +150,76 @@ def _datasets(f: h5py.File) -> list[str]:
 
 
 def read(path: str, comm: MPI.Comm = MPI.COMM_SELF) -> Checkpoint:
-    """Read and verify a checkpoint into full global arrays on every rank of comm (collective).
+    """Read and verify a checkpoint into global arrays on every rank of comm (collective).
 
-    Each rank reads only its share of each dataset's rows and checks their part of the checksum;
-    one Allreduce completes the checksums and Allgatherv hands every rank the whole arrays. So the
-    file's bytes are read once, whatever the rank count. Raises DataError (one line naming the file
-    and dataset) on every rank alike when the file is unreadable, incomplete or corrupt.
+    The ranks of a node share ONE copy: the arrays live in an MPI shared-memory window, each rank of
+    the node reads its share of every dataset's rows into it and checks their part of the checksum.
+    So each node reads the file's bytes once, and no rank copies what another read. Call
+    `release()` when done (collective over the node). Raises DataError (one line naming the file and
+    dataset) on every rank alike when the file is unreadable, incomplete or corrupt.
     """
     from .comm import agree
 
-    attrs, names, local, parts, stored = agree(comm, _read_rows, path, comm.Get_rank(), comm.Get_size())
+    attrs, datasets = agree(comm, _read_layout, path)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    offsets, total = [], 0
+    for _, shape, dtype, _ in datasets:
+        offsets.append(total)
+        total += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64  # 64-byte aligned
+    window = None
+    if node.Get_size() > 1:
+        window = MPI.Win.Allocate_shared(total if node.Get_rank() == 0 else 0, 1, comm=node)
+        base = np.frombuffer(window.Shared_query(0)[0], dtype=np.uint8, count=total)
+        window.Fence()
+    else:
+        base = np.empty(total, dtype=np.uint8)
+    arrays = [base[o:o + int(np.prod(shape, dtype=np.int64)) * dt.itemsize].view(dt).reshape(shape)
+              for o, (_, shape, dt, _) in zip(offsets, datasets)]
+    try:
+        parts = agree(comm, _read_rows, path, datasets, arrays, node.Get_rank(), node.Get_size())
+    except DataError:
+        if window is not None:
+            window.Free()
+        node.Free()
+        raise
+    if window is not None:
+        window.Fence()  # every rank's rows are in place and visible to the node
     totals = np.zeros_like(parts)
-    comm.Allreduce(parts, totals, op=MPI.SUM)
+    node.Allreduce(parts, totals, op=MPI.SUM)
+    node.Free()
     totals %= np.uint64(CHECKSUM_MOD)
-    bad = [n for n, t, c in zip(names, totals, stored) if not np.array_equal(t, c)]
-    if bad:
-        err = DataError(f"{path}: checksum mismatch in dataset /{bad[0]}")
+    bad = [i for i, (t, d) in enumerate(zip(totals, datasets)) if not np.array_equal(t, d[3])]
+    first_bad = comm.allreduce(bad[0] if bad else len(datasets), op=MPI.MIN)  # any node's copy
+    if first_bad < len(datasets):
+        if window is not None:
+            window.Free()
+        err = DataError(f"{path}: checksum mismatch in dataset /{datasets[first_bad][0]}")
         err.all_ranks = True
         raise err
     params: dict[str, np.ndarray] = {}
     optim: dict[str, dict[str, np.ndarray]] = {}
-    for name, (shape, lo, rows) in zip(names, local):
-        full = np.empty(shape, dtype=rows.dtype)
-        row = int(np.prod(shape[1:], dtype=np.int64))
-        counts = [(rows_of(shape[0], r, comm.Get_size())[1] - rows_of(shape[0], r, comm.Get_size())[0]) * row
-                  for r in range(comm.Get_size())]
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        comm.Allgatherv(np.ascontiguousarray(rows).reshape(-1), [full.reshape(-1), (counts, displs)])
+    for (name, *_), a in zip(datasets, arrays):
         parts_ = name.split("/")
         if parts_[0] == "params":
-            params[".".join(parts_[1:])] = full
+            params[".".join(parts_[1:])] = a
         elif parts_[0] == "optim":
-            optim.setdefault(parts_[1], {})[".".join(parts_[2:])] = full
-    return Checkpoint(params, optim, attrs)
+            optim.setdefault(parts_[1], {})[".".join(parts_[2:])] = a
+    return Checkpoint(params, optim, attrs, window)
 
 
-def _read_rows(path: str, rank: int, nranks: int):
-    """This rank's rows of every dataset with their checksum parts (no communication)."""
+def _open(path: str) -> h5py.File:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such checkpoint")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({_short(e)})") from None
-    try:
-        with f:
+
+
+def _read_layout(path: str):
+    """Root attributes and [(name, shape, dtype, stored checksum)] of every dataset; checks structure."""
+    with _open(path) as f:
+        try:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             for req in ("format_version", "step", "config", "world", "datasets"):
                 if req not in attrs:
@@ -200,26 +233,33 @@ def _read_rows(path: str, rank: int, nranks: int):
                     raise DataError(f"{path}: missing dataset /{name}")
             if not any(n.startswith("params/") for n in names):
                 raise DataError(f"{path}: no /params datasets")
-            local, parts, stored = [], np.zeros((len(names), 2), np.uint64), []
-            for i, name in enumerate(names):
+            out = []
+            for name in names:
                 ds = f[name]
                 if "checksum" not in ds.attrs:
                     raise DataError(f"{path}: dataset /{name} has no checksum")
-                stored.append(np.asarray(ds.attrs["checksum"], dtype=np.uint64))
-                lo, hi = rows_of(ds.shape[0], rank, nranks) if ds.ndim else (0, 0)
-                try:
-                    rows = ds[lo:hi] if ds.ndim else ds[()]
-                except OSError as e:
-                    raise DataError(f"{path}: dataset /{name} is unreadable ({_short(e)})") from None
-                row = int(np.prod(ds.shape[1:], dtype=np.int64))
-                if rows.size:
-                    parts[i] = checksum(rows, lo * row)
-                local.append((ds.shape, lo, rows))
-            return attrs, names, local, parts, stored
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"{path}: corrupt checkpoint ({_short(e)})") from None
+                if ds.ndim == 0:
+                    raise DataError(f"{path}: dataset /{name} is a scalar, not an array")
+                out.append((name, ds.shape, ds.dtype, np.asarray(ds.attrs["checksum"], dtype=np.uint64)))
+            return attrs, out
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: corrupt checkpoint ({_short(e)})") from None
+
+
+def _read_rows(path: str, datasets, arrays, rank: int, nranks: int) -> np.ndarray:
+    """Read this rank's share of every dataset's rows into `arrays`; their checksum parts."""
+    parts = np.zeros((len(datasets), 2), np.uint64)
+    with _open(path) as f:
+        for i, ((name, shape, _, _), a) in enumerate(zip(datasets, arrays)):
+            lo, hi = rows_of(shape[0], rank, nranks)
+            if hi == lo:
+                continue
+            try:
+                f[name].read_direct(a, np.s_[lo:hi], np.s_[lo:hi])
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: dataset /{name} is unreadable ({_short(e)})") from None
+            parts[i] = checksum(a[lo:hi], lo * int(np.prod(shape[1:], dtype=np.int64)))
+    return parts
 
 
 def check_complete(path: str, ckpt: Checkpoint, param_keys: list[str], state_names: list[str]) -> None:

@@ -140,6 +140,7 @@ class Trainer:
         if ckpt is not None:
             self.notes += agree(world, self.strategy.restore, resume_path, ckpt)
             self.restore_position(resume_path, ckpt)
+            ckpt.release()
         self.signals = StopSignals()
         self.last_ckpt_time = time.monotonic()
 

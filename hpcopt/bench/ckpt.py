@@ -53,8 +53,9 @@ def run(args) -> list[dict]:
         cmd = ["mpirun", "-n", str(args.ranks), "--oversubscribe", "--bind-to", "none"]
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
+        threads = max(1, len(os.sched_getaffinity(0)) // args.ranks)  # ranks share the cores, as in training
         cmd += [sys.executable, "-m", "hpcopt", "bench", "ckpt", "--json", "--mb", str(args.mb),
-                "--repeats", str(args.repeats)] + (["--dir", args.dir] if args.dir else [])
+                "--repeats", str(args.repeats), "--threads", str(threads)] + (["--dir", args.dir] if args.dir else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"bench ckpt under mpirun failed:\n{out.stderr}")
@@ -66,10 +67,12 @@ def run(args) -> list[dict]:
 
 
 def _measure(args) -> list[dict]:
+    import numba
     from mpi4py import MPI
 
     from .. import checkpoint
 
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     arrays = _arrays(args.mb)
@@ -87,7 +90,7 @@ def _measure(args) -> list[dict]:
         torch = None
     warm = os.path.join(base, "warm-up.h5")  # untimed: kernels loaded from Numba's cache, files warm
     checkpoint.write_parallel(warm, comm, pieces, attrs)
-    checkpoint.read(warm, comm)
+    checkpoint.read(warm, comm).release()
     for r in range(args.repeats):
         path = os.path.join(base, f"step_{r:08d}.h5")
         comm.Barrier()
@@ -99,7 +102,7 @@ def _measure(args) -> list[dict]:
         ck = checkpoint.read(path, comm)
         comm.Barrier()
         load.append(time.perf_counter() - t0)
-        del ck
+        ck.release()
         if rank == 0:
             d = os.path.join(base, f"npy{r}")
             os.makedirs(d)
