@@ -65,6 +65,11 @@ def rows_of(n_rows: int, rank: int, nranks: int) -> tuple[int, int]:
     return n_rows * rank // nranks, n_rows * (rank + 1) // nranks
 
 
+def parallel_hdf5() -> bool:
+    """Whether h5py was built against parallel HDF5 (its `mpio` driver exists)."""
+    return bool(h5py.get_config().mpi)
+
+
 def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) -> float:
     """All ranks of comm write one checkpoint file together, atomically. Returns seconds taken.
 
@@ -82,7 +87,7 @@ def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) 
     totals = np.zeros_like(parts)
     comm.Allreduce(parts, totals, op=MPI.SUM)
     totals %= np.uint64(CHECKSUM_MOD)
-    if h5py.get_config().mpi and comm.Get_size() > 1:
+    if parallel_hdf5() and comm.Get_size() > 1:
         f = h5py.File(tmp, "w", driver="mpio", comm=comm, libver="latest")
         _fill(f, pieces, totals, attrs)
     else:

@@ -5,6 +5,7 @@
 MODE raise-rank1: rank 1 raises an exception before step STEP.
 MODE kill:        rank 0 SIGKILLs itself before step STEP (a node dying: no checkpoint, no clean-up).
 MODE kill-in-write: rank 0 SIGKILLs itself in the middle of writing the checkpoint of step STEP.
+MODE no-mpio:     h5py is treated as built without MPI (the serial fallback); STEP is unused.
 The time of the fault is written to STAMP_FILE.
 """
 import os
@@ -65,4 +66,6 @@ def faulty_fill(f, pieces, checksums, attrs):
 Trainer.step = faulty_step
 if mode == "kill-in-write":
     checkpoint._fill = faulty_fill
+if mode == "no-mpio":
+    checkpoint.parallel_hdf5 = lambda: False
 sys.exit(cli.main(sys.argv[1:]))

@@ -154,3 +154,31 @@ def test_signal_checkpoints_and_exits_75(tmp_path, digits, sig):
     events = [json.loads(l) for l in open(out / "metrics.jsonl")]
     ck = [e for e in events if e.get("event") == "checkpoint"]
     assert ck and ck[-1]["reason"] == f"signal {sig.name}" and ck[-1]["signal_to_commit_s"] >= 0
+
+
+def test_serial_fallback_without_parallel_hdf5_writes_the_same_file(tmp_path, digits):
+    """Where h5py has no MPI support, pieces are gathered to rank 0: same format, same bytes, one warning."""
+    parallel, serial = tmp_path / "parallel", tmp_path / "serial"
+    hpcopt("train", *job_args(digits, parallel, "adam", steps=30), n=2, timeout=180, check=True)
+    p = run([os.path.join(REPO, "tests/mpi/inject.py"), "no-mpio", "0", str(tmp_path / "t"), "train",
+             *job_args(digits, serial, "adam", steps=30)], n=2, timeout=180)
+    assert p.returncode == 0, p.stderr
+    warnings = [l for l in p.stderr.splitlines() if "h5py has no MPI support" in l]
+    assert len(warnings) == 1, p.stderr  # one checkpoint (step 30), one line
+    a, b = final_state(parallel, 30), final_state(serial, 30)
+    assert_bitwise_equal(a, b)
+
+
+def test_resume_path_must_exist_and_match(tmp_path, digits):
+    out = tmp_path / "run"
+    hpcopt("train", *job_args(digits, out, "adam", steps=30), n=2, timeout=180, check=True)
+    p = hpcopt("train", *job_args(digits, tmp_path / "other", "adam"), "--resume", str(tmp_path / "nope.h5"))
+    assert p.returncode == 3 and p.stderr.strip().splitlines() == [f"hpcopt: {tmp_path / 'nope.h5'}: no such checkpoint"]
+    ck = str(out / "checkpoints/step_00000030.h5")
+    p = hpcopt("train", *job_args(digits, out, "adam"), "model.layers=[64, 32, 10]", "--resume", ck)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "checkpoint has model.layers = [64, 128, 128, 10] but the job has [64, 32, 10]" in p.stderr
+    p = hpcopt("train", *job_args(digits, out, "momentum"), "--resume", ck)
+    assert p.returncode == 2 and "checkpoint has optimizer.name = \"adam\" but the job has \"momentum\"" in p.stderr
+    p = hpcopt("train", *job_args(digits, out, "momentum"), "--resume", ck, "--resume-force", check=True)
+    assert "optimizer state of adam not loaded into momentum" in p.stderr
