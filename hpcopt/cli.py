@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .errors import HpcoptError
+from .errors import ConfigError, HpcoptError
 
 EXIT_RESUME = 75  # `train` checkpointed on SIGUSR1/SIGTERM and wants to be resumed (EX_TEMPFAIL)
 
@@ -42,11 +42,15 @@ def _train(args) -> int:
 
 def _data_make(args) -> int:
     from .data import make_digits, make_synthetic
+    from .errors import DataError
 
-    if args.name == "digits":
-        make_digits(args.out)
-    else:
-        make_synthetic(args.out, args.samples, args.features, args.classes, seed=args.seed)
+    try:
+        if args.name == "digits":
+            make_digits(args.out)
+        else:
+            make_synthetic(args.out, args.samples, args.features, args.classes, seed=args.seed)
+    except OSError as e:
+        raise DataError(f"{args.out}: cannot write ({e.strerror or e})") from None
     from .data import inspect
 
     info = inspect(args.out)
@@ -62,7 +66,7 @@ def _ckpt_ls(args) -> int:
     from .errors import DataError
 
     if not os.path.isdir(args.run_dir):
-        raise HpcoptError(f"{args.run_dir}: no such run directory")
+        raise ConfigError(f"{args.run_dir}: no such run directory")
     rows = checkpoint.list_checkpoints(args.run_dir)
     if not rows:
         print(f"{args.run_dir}: no checkpoints")
@@ -93,7 +97,12 @@ def _ckpt_verify(args) -> int:
 def _ckpt_export(args) -> int:
     from . import checkpoint
 
-    keys = checkpoint.export_npz(args.ckpt, args.out)
+    from .errors import DataError
+
+    try:
+        keys = checkpoint.export_npz(args.ckpt, args.out)
+    except OSError as e:
+        raise DataError(f"{args.out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {args.out}: {', '.join(keys)}")
     return 0
 

@@ -62,6 +62,11 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
                           f"parallel.dp = {grid.dp} ranks")
     if resume not in (None, "auto") and not os.path.exists(resume):
         raise DataError(f"{resume}: no such checkpoint")
+    nearest = os.path.abspath(out_dir)  # the directory itself, or the closest ancestor that exists
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
+        raise ConfigError(f"{out_dir}: cannot create the run directory here (run.out_dir)")
     if resume is None and os.path.isdir(out_dir) and (
             checkpoint.list_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
         raise ConfigError(f"{out_dir}: already holds a run; resume it with --resume auto, or set "

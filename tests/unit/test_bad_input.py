@@ -169,3 +169,19 @@ def test_real_process_exit_codes(tmp_path, digits):
         f"hpcopt: command line: optimizer.lr must be > 0 (got -1.0)"]
     p = hpcopt("train", str(job), "data.path=" + str(tmp_path / "none.h5"), timeout=60)
     assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1 and "no such data file" in p.stderr
+
+
+@pytest.mark.parametrize("argv,code,expected", [
+    (["data", "make", "synthetic", "{tmp}/s.h5", "--samples", "0"], 2, "synthetic: need samples >= 1"),
+    (["data", "make", "digits", "/proc/x/digits.h5"], 3, "/proc/x/digits.h5: cannot write"),
+    (["ckpt", "ls", "{tmp}/none"], 2, "{tmp}/none: no such run directory"),
+    (["ckpt", "verify", "{tmp}/none.h5"], 3, "{tmp}/none.h5: no such checkpoint"),
+    (["ckpt", "export", "{tmp}/none.h5", "{tmp}/o.npz"], 3, "{tmp}/none.h5: no such checkpoint"),
+    (["train", "JOB", "run.out_dir={tmp}/job.toml/run"], 2, "{tmp}/job.toml/run: cannot create the run directory"),
+])
+def test_other_commands_give_one_line(argv, code, expected, tmp_path, digits, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text(GOOD.format(data=digits))
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("JOB", str(job)) for a in argv]
+    assert cli.main(argv) == code
+    assert expected.replace("{tmp}", str(tmp_path)) in one_error_line(capsys)
