@@ -182,3 +182,15 @@ def test_resume_path_must_exist_and_match(tmp_path, digits):
     assert p.returncode == 2 and "checkpoint has optimizer.name = \"adam\" but the job has \"momentum\"" in p.stderr
     p = hpcopt("train", *job_args(digits, out, "momentum"), "--resume", ck, "--resume-force", check=True)
     assert "optimizer state of adam not loaded into momentum" in p.stderr
+
+
+def test_time_based_checkpoints(tmp_path, digits):
+    """checkpoint.every_seconds: rank 0's clock decides, every rank follows (one Allreduce per step)."""
+    out = tmp_path / "timed"
+    hpcopt("train", *job_args(digits, out, "adam", steps=4000, extra=["checkpoint.every_steps=0",
+           "checkpoint.every_seconds=0.5", "checkpoint.keep=1000"]), n=2, timeout=240, check=True)
+    events = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    timed = [e for e in events if e.get("event") == "checkpoint"]
+    assert timed and all(e["reason"] == "every_seconds" for e in timed)
+    steps = [s for s, _ in checkpoint.list_checkpoints(str(out))]
+    assert steps == sorted({e["step"] for e in timed} | {4000})
