@@ -1,6 +1,8 @@
-"""The Trainer: one step reads top to bottom (DESIGN §1).
+"""The Trainer: the loop, data, metrics, evaluation, signals and checkpoint timing (DESIGN §1).
 
-    step: loader -> model.loss_and_grad -> strategy.sync_grads -> clip/check -> optimizer.step -> metrics
+    step: loader -> strategy.step (forward/backward, gradient exchange, clip/check, update) -> metrics
+          -> maybe checkpoint (periodic, timed, or on SIGUSR1/SIGTERM at a step all ranks agree on)
+What moves between ranks within a step belongs to the strategy (hpcopt/parallel).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress, process_start_time
 from .optim.schedules import lr_at
-
 
 
 @dataclass
