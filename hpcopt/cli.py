@@ -29,7 +29,9 @@ def _train(args) -> int:
     from .train import Trainer
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    grid = comm.make_grid(world, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, cfg.source)
+    shape = (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+    comm.agree(world, comm.grid_shape, world.Get_size(), *shape, cfg.source)  # one message, not one per rank
+    grid = comm.make_grid(world, *shape, cfg.source)
     out_dir = config.resolve_out_dir(cfg)
     trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force)
     comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "

@@ -176,6 +176,7 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(mean loss, accuracy) on the test split; each dp replica takes a contiguous share."""
         n = self.test.n
+        self.strategy.prepare_evaluate()
         lo, hi = n * self.grid.dp_rank // self.grid.dp, n * (self.grid.dp_rank + 1) // self.grid.dp
         loss_sum, correct = 0.0, 0
         for start in range(lo, hi, 4096):
@@ -221,6 +222,7 @@ class Trainer:
                                grad_norm=norm, skipped=self.skipped,
                                samples_per_s=self.global_batch * (done - steps_at_last) / (now - t_last),
                                time=now - t0, **slurm)
+                    rec.update(self.strategy.extra_metrics())
                     if (eval_every and done % eval_every == 0) or last:
                         test_loss, acc = self.evaluate()
                         rec.update(test_loss=test_loss, test_acc=acc)

@@ -11,6 +11,9 @@ Contract (every method is called by every rank, in the same order):
     evaluate(x, labels) -> (loss_sum, n_correct)   contributions that SUM over the world to the totals
     checkpoint_pieces() -> [checkpoint.Piece]      this rank's share of every global dataset
     restore(path, ckpt)                            global arrays -> this rank's buffers and state
+    prepare_evaluate()                             before each evaluation (default: nothing)
+    extra_metrics() -> dict                        at each logged step, merged into rank 0's record
+                                                   (default: {})
 `StepResult.loss_sum` is likewise this rank's contribution: summed over the world it is the global
 batch's loss sum (a pipeline's last stage reports it, other stages 0).
 """
@@ -89,6 +92,15 @@ class Strategy:
     def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         return self.model.evaluate(x, labels)
 
+    def prepare_evaluate(self) -> None:
+        """Collective, once before each evaluation: make the model that `evaluate` uses consistent
+        (local SGD averages the replicas, async SGD pulls the server's parameters). Default: nothing."""
+
+    def extra_metrics(self) -> dict:
+        """Strategy-specific figures for the metrics record of a logged step (bytes sent per step,
+        staleness, ...). Called on every rank at the same steps; rank 0's dict is logged."""
+        return {}
+
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_pieces(self) -> list[checkpoint.Piece]:
         """Replicas hold the same tensors and split each one's rows: every byte is written once."""
@@ -102,8 +114,9 @@ class Strategy:
                 pieces.append(checkpoint.Piece(f"{prefix}/{k.replace('.', '/')}", full.shape, full[lo:hi], lo))
         return pieces
 
-    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
-        """Load global arrays into this rank's buffers. Returns notes for the user."""
+    def restore_params(self, path: str, ckpt: checkpoint.Checkpoint) -> bool:
+        """Check the file holds every dataset this model needs, load the global parameters into
+        self.flat; True when the file's optimizer state belongs to this optimizer (so it loads too)."""
         f = self.flat
         same_optimizer = ckpt.attrs.get("optimizer") == self.opt.name
         checkpoint.check_complete(path, ckpt, f.keys(), list(self.opt_state) if same_optimizer else [])
@@ -112,6 +125,12 @@ class Strategy:
                 raise DataError(f"{path}: /params/{k.replace('.', '/')} has shape {ckpt.params[k].shape}, "
                                 f"the model needs {f.param(k).shape}")
             f.param(k)[...] = ckpt.params[k]
+        return same_optimizer
+
+    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
+        """Load global arrays into this rank's buffers. Returns notes for the user."""
+        f = self.flat
+        same_optimizer = self.restore_params(path, ckpt)
         if self.device == "cuda":
             self.d_params.copy_to_device(f.data)
         if same_optimizer:
