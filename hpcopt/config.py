@@ -103,6 +103,10 @@ class ParallelConfig:
     tp: int = opt(1, ge=1)
     micro_batches: int = opt(1, ge=1)
     schedule: str = opt("1f1b", choices=("gpipe", "1f1b"))
+    balance: str = opt("params", choices=("params", "flops"),
+                       doc="pipeline stages: cut the layers so each stage gets about equal parameters or FLOPs")
+    stage_layers: list[int] = opt([], ge=1, doc="pipeline stages given explicitly: layers per stage (pp entries "
+                                  "summing to the layer count); empty: balanced by parallel.balance")
     bucket_mb: float = opt(25.0, gt=0)
     overlap: bool = opt(True)
     compression: str = opt("none", choices=("none", "fp16", "bf16", "topk"))

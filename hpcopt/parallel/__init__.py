@@ -11,6 +11,9 @@ from ..errors import ConfigError
 # parallel.strategy -> "module:Class"
 STRATEGIES = {
     "data": "hpcopt.parallel.data:DataParallel",
+    "pipeline": "hpcopt.parallel.pipeline:PipelineParallel",
+    "tensor": "hpcopt.parallel.tensor:TensorParallel",
+    "hybrid": "hpcopt.parallel.pipeline:Hybrid",
 }
 
 
@@ -20,8 +23,14 @@ def build(cfg, grid, global_batch: int):
     if name not in STRATEGIES:
         raise ConfigError(f"{cfg.source}: parallel.strategy = \"{name}\" is not available "
                           f"(available: {', '.join(STRATEGIES)})")
-    if name == "data" and (grid.pp > 1 or grid.tp > 1):
+    if name not in ("pipeline", "tensor", "hybrid") and (grid.pp > 1 or grid.tp > 1):
         raise ConfigError(f"{cfg.source}: parallel.pp/tp > 1 need parallel.strategy = \"pipeline\", "
                           f"\"tensor\" or \"hybrid\"")
+    if name == "pipeline" and grid.tp > 1:
+        raise ConfigError(f"{cfg.source}: parallel.tp = {grid.tp} needs parallel.strategy = \"tensor\" or "
+                          f"\"hybrid\" (\"pipeline\" splits only into parallel.pp stages)")
+    if name == "tensor" and grid.pp > 1:
+        raise ConfigError(f"{cfg.source}: parallel.pp = {grid.pp} needs parallel.strategy = \"pipeline\" or "
+                          f"\"hybrid\" (\"tensor\" splits only over parallel.tp)")
     module, cls = STRATEGIES[name].split(":")
     return getattr(importlib.import_module(module), cls)(cfg, grid, global_batch)
