@@ -10,6 +10,9 @@ written, each state array read and written, 4 * (3 + 2 * states) bytes per eleme
 triad's real traffic makes the comparable limit. (The triad row also shows STREAM's 12-byte figure.)
 lars and lamb make a second pass for their per-layer norms and are counted with the traffic they really
 make (lars 28, lamb 40). "limit" = that traffic at triad bandwidth; frac_of_limit = limit / hpcopt.
+Memory: hpcopt's arrays (and the triad's) come from `hpcopt.memory`, as in training: 2 MiB pages where
+the kernel allows (HPCOPT_HUGE_PAGES=0 for 4 KiB pages); torch's from its own allocator, as a torch user
+gets them (torch's opt-in THP_MEM_ALLOC_ENABLE=1 is not set).
 Timing: per optimizer, --repeats rounds after two warm-up steps, each round timing one triad, one
 hpcopt step and one torch step back to back, so all three see the same machine load; medians are shown
 (this is a benchmark: nothing asserts).
@@ -30,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .. import optim
+from .. import memory, optim
 from ..config import OptimizerConfig
 
 TORCH_CLASS = {"sgd": "SGD", "momentum": "SGD", "nesterov": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop",
@@ -98,9 +101,11 @@ def run(args) -> list[dict]:
         torch = None
 
     rng = np.random.default_rng(0)
-    params0 = rng.standard_normal(n, dtype=np.float32)
-    grads = rng.standard_normal(n, dtype=np.float32)
-    a = np.empty_like(params0)
+    # hpcopt's side and the triad on the memory training uses (memory.py: 2 MiB pages where the kernel
+    # allows); torch's tensors on torch's own allocator, as a torch user gets them
+    params0, grads, a = memory.zeros(n), memory.zeros(n), memory.zeros(n)
+    params0[...] = rng.standard_normal(n, dtype=np.float32)
+    grads[...] = rng.standard_normal(n, dtype=np.float32)
 
     def triad():
         _triad(a, params0, grads, np.float32(0.5))
@@ -111,7 +116,8 @@ def run(args) -> list[dict]:
     rows, triad_times = [], []
     for name in names:
         opt = optim.build(OptimizerConfig(name=name), segments)
-        params = params0.copy()
+        params = memory.zeros(n)
+        params[...] = params0
         state = opt.init_state(n)
         t = [0]
 

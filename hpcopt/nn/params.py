@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import memory
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -41,8 +43,8 @@ class FlatParams:
             off += s.size
         self.size = off
         self.dtype = np.dtype(dtype)
-        self.data = np.zeros(off, dtype=self.dtype)   # (n,) all parameters
-        self.grad = np.zeros(off, dtype=self.dtype)   # (n,) their gradients
+        self.data = memory.zeros(off, self.dtype)   # (n,) all parameters
+        self.grad = memory.zeros(off, self.dtype)   # (n,) their gradients
 
     def spec(self, key: str) -> ParamSpec:
         return self.specs[list(self.offsets).index(key)]

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from .. import memory
 from ..errors import ConfigError
 
 # OptimizerConfig fields that are hyperparameters (the rest, clip_* and on_nonfinite, belong to the trainer).
@@ -74,11 +75,10 @@ class Optimizer:
         return self._full(n, 0.0, dtype)
 
     def _full(self, n, value: float, dtype=np.float32):
-        host = np.full(n, value, dtype=dtype)
         if self.device == "cuda":
             from numba import cuda
-            return cuda.to_device(host)
-        return host
+            return cuda.to_device(np.full(n, value, dtype=dtype))
+        return memory.full(n, value, dtype)
 
     def _to_device(self, host: np.ndarray):
         if self.device == "cuda":
