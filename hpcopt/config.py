@@ -113,6 +113,8 @@ class ParallelConfig:
     topk_density: float = opt(0.01, gt=0, le=1)
     zero: int = opt(0, ge=0, le=1)
     average_every: int = opt(1, ge=1)
+    average_optimizer_state: bool = opt(False, doc="local_sgd: average the optimizer state with the parameters "
+                                        "every parallel.average_every steps (checkpoints always average both)")
     max_staleness: int = opt(4, ge=0)
 
 

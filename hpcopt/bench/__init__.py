@@ -16,6 +16,8 @@ SUITES = {  # name -> (module, one-line description); modules load only when the
     "step": ("hpcopt.bench.step", "one training step of the MLP 784-1024-1024-10 vs PyTorch CPU"),
     "optim": ("hpcopt.bench.optim", "optimizer kernels at 32M parameters vs torch.optim and the triad bound"),
     "ckpt": ("hpcopt.bench.ckpt", "checkpoint save/load of 256 MB with 2 ranks vs numpy.save and torch.save"),
+    "dp": ("hpcopt.bench.dp", "data-parallel MLP 784-1024-1024-10 on 2 ranks vs PyTorch DDP (gloo); gradient "
+           "sync vs a bare Allreduce; overlap; scaling 1 -> 2 ranks"),
     "pipeline": ("hpcopt.bench.pipeline", "pipeline bubble for P = 2, 4 and M = 4, 8, 16 vs (P-1)/(M+P-1); "
                  "1F1B vs GPipe step time"),
 }

@@ -10,7 +10,9 @@ from ..errors import ConfigError
 
 # parallel.strategy -> "module:Class"
 STRATEGIES = {
-    "data": "hpcopt.parallel.data:DataParallel",
+    "data": "hpcopt.parallel.data:data_parallel",
+    "local_sgd": "hpcopt.parallel.local_sgd:LocalSGD",
+    "async": "hpcopt.parallel.async_ps:AsyncParameterServer",
     "pipeline": "hpcopt.parallel.pipeline:PipelineParallel",
     "tensor": "hpcopt.parallel.tensor:TensorParallel",
     "hybrid": "hpcopt.parallel.pipeline:Hybrid",
@@ -32,5 +34,7 @@ def build(cfg, grid, global_batch: int):
     if name == "tensor" and grid.pp > 1:
         raise ConfigError(f"{cfg.source}: parallel.pp = {grid.pp} needs parallel.strategy = \"pipeline\" or "
                           f"\"hybrid\" (\"tensor\" splits only over parallel.tp)")
+    if cfg.parallel.zero and name != "data":
+        raise ConfigError(f"{cfg.source}: parallel.zero = 1 applies to parallel.strategy = \"data\" only")
     module, cls = STRATEGIES[name].split(":")
     return getattr(importlib.import_module(module), cls)(cfg, grid, global_batch)

@@ -1,0 +1,251 @@
+"""Data-parallel training of the MLP 784-1024-1024-10 (batch 256 per rank, Adam) vs PyTorch
+DistributedDataParallel, and hpcopt's gradient sync vs a bare mpi4py Allreduce of the same bytes.
+
+Run alone (`hpcopt bench dp`) it launches itself twice with mpirun: `-n 1` and `-n --ranks`, the same
+threads per rank both times (the cores divided by --ranks), so the 1 -> N scaling efficiency is weak
+scaling at fixed resources per rank. Inside each launch, every rank measures, in the same processes:
+  hpcopt     the Strategy of `parallel.strategy = "data"` (buckets of --bucket-mb, overlap on), stepped
+             directly on an in-memory batch: forward, backward with bucketed Iallreduce, norm, Adam;
+             and again with one Allreduce after backward (overlap off, one bucket)
+  DDP        torch.nn.parallel.DistributedDataParallel over a gloo process group (rank and world from
+             mpirun's environment, a localhost port), the same model, batch, threads and
+             torch.optim.Adam(fused=True)
+  sync       hpcopt's gradient exchange alone (`sync_grads`, one bucket) vs `comm.Allreduce` of the
+             same buffer, timed in pairs of one call each (overhead: the median of the per-pair ratios)
+Figures are medians over --repeats; the machine is shared, so medians and ratios matter more than
+absolute numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+LAYERS = "784,1024,1024,10"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--layers", default=LAYERS, help=f"MLP widths (default {LAYERS})")
+    p.add_argument("--batch", type=int, default=256, help="samples per rank per step")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the parallel launch")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bucket-mb", type=float, default=2.0, help="parallel.bucket_mb for the overlapped run")
+
+
+def _launched_alone() -> bool:
+    return not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID"))
+
+
+def run(args) -> list[dict]:
+    if not _launched_alone():
+        return _measure(args)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.ranks)  # ranks share the cores, as in training
+    got = {}
+    for n in (1, args.ranks):
+        cmd = ["mpirun", "-n", str(n), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        cmd += [sys.executable, "-m", "hpcopt", "bench", "dp", "--json", "--threads", str(threads),
+                "--layers", args.layers, "--batch", str(args.batch), "--steps", str(args.steps),
+                "--repeats", str(args.repeats), "--bucket-mb", str(args.bucket_mb)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench dp under mpirun -n {n} failed:\n{out.stderr}")
+        got[n] = [json.loads(line)["raw"] for line in out.stdout.splitlines() if line.startswith("{")][0]
+    return _rows(got[1], got[args.ranks], args, threads)
+
+
+def _rows(one: dict, par: dict, args, threads: int) -> list[dict]:
+    n = par["world"]
+    model = f"MLP {args.layers} batch {args.batch}/rank adam"
+    rows = [dict(name=f"{model}, {n} ranks, global", unit="samples/s", hpcopt=par["hpcopt_sps"],
+                 peer_name=f"torch {par['torch']} DDP gloo", peer=par["ddp_sps"],
+                 ratio=par["hpcopt_sps"] / par["ddp_sps"] if par["ddp_sps"] else None, limit=None, target=1.2,
+                 threads=threads),
+            dict(name=f"{model}, {n} ranks, one Allreduce after backward", unit="samples/s",
+                 hpcopt=par["hpcopt_sps_no_overlap"], peer_name=f"torch {par['torch']} DDP gloo",
+                 peer=par["ddp_sps"], ratio=par["hpcopt_sps_no_overlap"] / par["ddp_sps"] if par["ddp_sps"] else None,
+                 limit=None, threads=threads),
+            dict(name=f"gradient sync {par['grad_mb']:.1f} MB, {n} ranks", unit="ms", hpcopt=par["sync_ms"],
+                 peer_name="mpi4py Allreduce, same buffer", peer=par["bare_ms"], ratio=par["bare_ms"] / par["sync_ms"],
+                 limit=None, overhead=par["sync_overhead"], target_overhead=1.1),
+            dict(name=f"sync exposed per step, buckets of {args.bucket_mb:g} MB + overlap", unit="ms",
+                 hpcopt=par["exposed_ms"], peer_name="one Allreduce after backward", peer=par["sync_step_ms"],
+                 ratio=par["sync_step_ms"] / par["exposed_ms"] if par["exposed_ms"] else None, limit=None,
+                 hidden=1 - par["exposed_ms"] / par["sync_step_ms"] if par["sync_step_ms"] else None),
+            dict(name=f"scaling efficiency 1 -> {n} ranks (weak, {threads} thread/rank)", unit="fraction",
+                 hpcopt=par["hpcopt_sps"] / (n * one["hpcopt_sps"]), peer_name="torch DDP gloo",
+                 peer=par["ddp_sps"] / (n * one["ddp_sps"]) if one["ddp_sps"] else None,
+                 ratio=(par["hpcopt_sps"] / one["hpcopt_sps"]) / (par["ddp_sps"] / one["ddp_sps"])
+                 if one["ddp_sps"] else None, limit=1.0, one_rank_sps=one["hpcopt_sps"],
+                 one_rank_ddp_sps=one["ddp_sps"]),
+            dict(name=f"scaling efficiency 1 -> {n} ranks, no gradient exchange (compute only)", unit="fraction",
+                 hpcopt=par["compute_only_sps"] / (n * one["compute_only_sps"]), peer_name=None, peer=None,
+                 ratio=None, limit=1.0)]
+    return rows
+
+
+def _timed(step, comm, steps: int, repeats: int) -> list[float]:
+    step()
+    step()  # warm-up: kernels compiled, buffers touched, connections made
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        comm.Barrier()
+        times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def _sync_vs_bare(s, comm, steps: int, repeats: int) -> dict:
+    """hpcopt's gradient exchange (`sync_grads`) vs `comm.Allreduce` of the same bytes IN THE SAME
+    BUFFER (flat.grad), so that the ratio is hpcopt's own cost and not where the memory lies (page size
+    and placement move a 7 MB Allreduce by 10-40% here). Timed in PAIRS: every pair times one call of
+    each, back to back after a barrier (which goes first alternates), so the machine's drifting load
+    hits both alike. The overhead is the median of the per-pair ratios; the times are medians."""
+    from mpi4py import MPI
+
+    grad = s.flat.grad
+    snapshot = grad.copy()
+
+    def ours():
+        s.sync_grads()
+
+    def theirs():
+        comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
+
+    def once(fn) -> float:
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    for fn in (ours, theirs):  # warm-up
+        fn()
+    t_ours, t_theirs = [], []
+    for i in range(steps * repeats):
+        if i % steps == 0:  # repeated in-place sums double the values: start again from the gradient
+            grad[...] = snapshot
+        if i % 2 == 0:
+            t_ours.append(once(ours))
+            t_theirs.append(once(theirs))
+        else:
+            t_theirs.append(once(theirs))
+            t_ours.append(once(ours))
+    med = statistics.median
+    return dict(sync_ms=1e3 * med(t_ours), bare_ms=1e3 * med(t_theirs),
+                sync_overhead=med(a / b for a, b in zip(t_ours, t_theirs)))
+
+
+def _strategy(widths, batch, world, bucket_mb: float, overlap: bool):
+    from .. import comm as hcomm
+    from ..config import from_doc
+    from ..parallel.data import DataParallel
+
+    cfg = from_doc(dict(model=dict(layers=widths), optimizer=dict(name="adam", lr=1e-3),
+                        data=dict(batch_size=batch * world.Get_size()),
+                        parallel=dict(bucket_mb=bucket_mb, overlap=overlap)), "bench dp")
+    grid = hcomm.make_grid(world, "auto", 1, 1, cfg.source)
+    return DataParallel(cfg, grid, batch * world.Get_size())
+
+
+def _measure(args) -> list[dict]:
+    import numba
+    from mpi4py import MPI
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    widths = [int(w) for w in args.layers.split(",")]
+    rng = np.random.default_rng(rank)
+    x = rng.random((args.batch, widths[0]), dtype=np.float32)
+    y = rng.integers(0, widths[-1], args.batch)
+    med = statistics.median
+    raw = dict(world=size, threads=args.threads)
+
+    # hpcopt: overlapped buckets, then one Allreduce after backward
+    for key, bucket_mb, overlap in (("", args.bucket_mb, True), ("_no_overlap", 1e6, False)):
+        s = _strategy(widths, args.batch, world, bucket_mb, overlap)
+        t = [0]
+
+        def step():
+            t[0] += 1
+            s.step(x, y, t[0], 1e-3)
+
+        step()
+        step()
+        s.sync_s = s.wait_s = 0.0
+        s.steps_timed = 0
+        times = _timed(step, world, args.steps, args.repeats)
+        per = max(s.steps_timed, 1)
+        raw[f"hpcopt_sps{key}"] = size * args.batch / med(times)
+        raw[f"step_ms{key}"] = 1e3 * med(times)
+        raw[f"sync_in_step_ms{key}"] = 1e3 * s.sync_s / per   # start + wait, inside the step
+        raw[f"wait_ms{key}"] = 1e3 * s.wait_s / per           # waiting after backward
+        raw["buckets" + key] = len(s.buckets)
+        if not overlap:
+            raw["grad_mb"] = s.flat.grad.nbytes / 2**20
+            if size > 1:  # the exchange alone vs a bare Allreduce of the same bytes
+                raw.update(_sync_vs_bare(s, world, args.steps, args.repeats))
+    # the same steps with no exchange at all, every rank at once: what sharing the machine costs
+    alone = _strategy(widths, args.batch, MPI.COMM_SELF, 1e6, False)
+    t_alone = [0]
+
+    def step_alone():
+        t_alone[0] += 1
+        alone.step(x, y, t_alone[0], 1e-3)
+
+    raw["compute_only_sps"] = size * args.batch / med(_timed(step_alone, world, args.steps, args.repeats))
+    raw["exposed_ms"] = raw["sync_in_step_ms"]           # with overlap: what the step still spends on sync
+    raw["sync_step_ms"] = raw["sync_in_step_ms_no_overlap"]
+
+    # PyTorch DDP over gloo, in the same processes
+    raw["ddp_sps"] = raw["torch"] = None
+    try:
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+        port = None
+        if rank == 0:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        port = world.bcast(port)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        torch.manual_seed(0)
+        layers = []
+        for i in range(len(widths) - 1):
+            layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers.append(torch.nn.ReLU())
+        model = DDP(torch.nn.Sequential(*layers))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def ddp_step():
+            opt.zero_grad(set_to_none=False)
+            loss_fn(model(xt), yt).backward()
+            opt.step()
+
+        raw["ddp_sps"] = size * args.batch / med(_timed(ddp_step, world, args.steps, args.repeats))
+        raw["torch"] = torch.__version__
+        dist.destroy_process_group()
+    if size == 1:
+        raw.update(sync_ms=None, bare_ms=None, sync_overhead=None)
+    if rank != 0:
+        sys.exit(0)  # rank 0 reports
+    return [dict(name="raw", unit="-", hpcopt=None, peer_name=None, peer=None, ratio=None, limit=None, raw=raw)]
