@@ -149,14 +149,19 @@ class Stage:
         return out
 
     def backward(self, acts: list[np.ndarray], dout: np.ndarray, need_dx: bool, accumulate: bool = False,
-                 dx_out: np.ndarray | None = None, tp_sum: TpSum = _no_sum) -> np.ndarray | None:
+                 dx_out: np.ndarray | None = None, tp_sum: TpSum = _no_sum,
+                 on_layer_done: Callable[[int], None] | None = None) -> np.ndarray | None:
         """dout (B, out_width) is overwritten. Fills (or adds to) this stage's gradients; returns dL/dx
-        into dx_out when need_dx (a stage after the first sends it back)."""
+        into dx_out when need_dx (a stage after the first sends it back). on_layer_done(i): called with
+        the model index i of each layer once its weight and bias gradients are written (the
+        data-parallel exchange starts buckets from it)."""
         d = dout
         for j in range(len(self.layers) - 1, -1, -1):
             first = j == 0
             d = self.layers[j].backward(acts[j], acts[j + 1], d, need_dx=need_dx or not first,
                                         accumulate=accumulate, dx_out=dx_out if first else None, tp_sum=tp_sum)
+            if on_layer_done is not None:
+                on_layer_done(self.lo + j)
         return d if need_dx else None
 
     def loss(self, out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray) -> float:

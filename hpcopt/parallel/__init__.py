@@ -34,6 +34,9 @@ def build(cfg, grid, global_batch: int):
     if name == "tensor" and grid.pp > 1:
         raise ConfigError(f"{cfg.source}: parallel.pp = {grid.pp} needs parallel.strategy = \"pipeline\" or "
                           f"\"hybrid\" (\"tensor\" splits only over parallel.tp)")
+    if cfg.parallel.compression != "none" and name in ("pipeline", "tensor", "hybrid"):
+        raise ConfigError(f"{cfg.source}: parallel.compression = \"{cfg.parallel.compression}\" applies to "
+                          f"parallel.strategy = \"data\" (pipeline, tensor and hybrid send float32)")
     if cfg.parallel.zero and name != "data":
         raise ConfigError(f"{cfg.source}: parallel.zero = 1 applies to parallel.strategy = \"data\" only")
     module, cls = STRATEGIES[name].split(":")

@@ -67,32 +67,32 @@ def data_parallel(cfg, grid, global_batch: int) -> "DataParallel":
     return DataParallel(cfg, grid, global_batch)
 
 
-class DataParallel(Strategy):
-    name = "data"
+class BucketedExchange:
+    """The bucketed, overlapped gradient exchange over `grid.dp_comm`, for any layout whose flat buffer
+    holds whole layers in backward order: full replicas (DataParallel) and the partitions of a pipeline
+    or tensor-parallel layout (TensorParallel, PipelineParallel) alike. Needs self.cfg, self.grid,
+    self.flat, self.dtype; call setup_buckets once, pass `on_layer_done` to the backward whose
+    gradients are final (the last micro-batch's), then call sync_grads."""
 
-    def __init__(self, cfg, grid, global_batch: int):
-        super().__init__(cfg, grid, global_batch)
-        self.setup_buckets()
-        comm = grid.dp_comm
-        p = cfg.parallel
-        if p.compression != "none" and self.dtype != np.float32:
-            raise ConfigError(f"{cfg.source}: parallel.compression = \"{p.compression}\" needs "
-                              f"model.dtype = \"float32\"")
-        self.codec = compress.build(p.compression if comm.Get_size() > 1 else "none", comm,
-                                    [b.size for b in self.buckets], p.topk_density, self.dtype)
-
-    # -- buckets -----------------------------------------------------------------------------------
-    def setup_buckets(self) -> None:
+    def setup_buckets(self, layer_names: list[str], first_layer: int, compression: str = "none") -> None:
+        """layer_names[j]: the name of the layer with model index first_layer + j (forward order)."""
         p = self.cfg.parallel
-        index = {layer.name: i for i, layer in enumerate(self.model.layers)}
+        comm = self.grid.dp_comm
+        index = {name: first_layer + j for j, name in enumerate(layer_names)}
+        self.first_layer = first_layer
         self.buckets = grad_buckets(self.flat, index, p.bucket_mb * 2**20)
         self.bucket_of_layer = {b.ready_layer: k for k, b in enumerate(self.buckets)}
-        self.overlap = p.overlap and self.grid.dp_comm.Get_size() > 1
+        self.overlap = p.overlap and comm.Get_size() > 1
         self.started = 0                   # buckets started this step (they start in order)
         self.sync_s = self.wait_s = 0.0    # seconds in start/finish calls, and in finish alone
         self.steps_timed = 0
         self.logged_bytes = 0              # bytes sent since extra_metrics was last called
         self.logged_steps = 0
+        if compression != "none" and self.dtype != np.float32:
+            raise ConfigError(f"{self.cfg.source}: parallel.compression = \"{compression}\" needs "
+                              f"model.dtype = \"float32\"")
+        self.codec = compress.build(compression if comm.Get_size() > 1 else "none", comm,
+                                    [b.size for b in self.buckets], p.topk_density, self.dtype)
 
     def start_bucket(self, k: int, blocking: bool = False) -> None:
         b = self.buckets[k]
@@ -108,10 +108,14 @@ class DataParallel(Strategy):
     def bytes_per_step(self) -> int:
         return self.codec.bytes_per_step()
 
+    def layer_done_hook(self):
+        """What to pass to the backward whose gradients are final: on_layer_done, or None."""
+        return self.on_layer_done if self.overlap else None
+
     def on_layer_done(self, i: int) -> None:
         """Backward hook: layer i's gradients are final; start every bucket that is now complete."""
         k = self.bucket_of_layer.get(i)
-        if k is None or i == 0:  # nothing computes after layer 0: sync_grads takes its bucket
+        if k is None or i == self.first_layer:  # nothing computes after it: sync_grads takes its bucket
             return
         t0 = time.perf_counter()
         while self.started <= k:
@@ -141,11 +145,18 @@ class DataParallel(Strategy):
         self.logged_bytes += self.bytes_per_step()
         self.logged_steps += 1
 
+
+class DataParallel(BucketedExchange, Strategy):
+    name = "data"
+
+    def __init__(self, cfg, grid, global_batch: int):
+        super().__init__(cfg, grid, global_batch)
+        self.setup_buckets([layer.name for layer in self.model.layers], 0, cfg.parallel.compression)
+
     # -- one step ----------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
         self.started = 0
-        loss_sum = self.model.loss_and_grad(x, labels, self.global_batch,
-                                            self.on_layer_done if self.overlap else None)
+        loss_sum = self.model.loss_and_grad(x, labels, self.global_batch, self.layer_done_hook())
         self.sync_grads()
         norm, finite = self.clip_and_update(t, lr)  # every replica holds the whole summed gradient
         if not finite:

@@ -396,8 +396,10 @@ class PipelineParallel(TensorParallel):
 
     def backward(self, k: int) -> None:
         slot = k % self.slots
+        last = k == self.micro_batches - 1  # backwards run in micro-batch order in every schedule
         self.stage.backward(self.held.pop(k), self.douts[slot], need_dx=not self.stage.is_first,
-                            accumulate=self._accumulate, dx_out=self.dxs[slot], tp_sum=self.tp_sum)
+                            accumulate=self._accumulate, dx_out=self.dxs[slot], tp_sum=self.tp_sum,
+                            on_layer_done=self.layer_done_hook() if last else None)
         self._accumulate = True
 
     def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
@@ -409,7 +411,7 @@ class PipelineParallel(TensorParallel):
 
     def update(self) -> None:
         """The schedule's `step` action: exchange over dp, clip with the global norm, update."""
-        self.sync_grads(self.flat.grad)
+        self.sync_grads()
         self._norm, self._finite = self.clip_and_update(self._t, self._lr)
 
     def extra_metrics(self) -> dict:

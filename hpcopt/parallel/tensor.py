@@ -14,7 +14,8 @@ dense0, which needs no input gradient). Widths between the two layers of a pair 
     backward: dW2[r] = h_r.T dy; dh_r = dy W2[r].T; dW1[:, r] = x.T dz_r; dx = sum_r dz_r W1[:, r].T (Allreduce)
 
 Every rank of a partition's dp replicas holds the same shards; their gradients are summed (the loss is
-already scaled by 1 / global batch) by the data-parallel Allreduce over `dp_comm`. The gradient norm
+already scaled by 1 / global batch) over `dp_comm` by data parallel's bucketed exchange, its buckets
+started during the last micro-batch's backward (BucketedExchange, data.py). The gradient norm
 for clipping is the GLOBAL one: each rank's squared norm, with tensors that every tp rank holds
 (FULL layers, ROW biases) counted on tp rank 0 only, summed over tp_comm and then pp_comm.
 """
@@ -30,6 +31,7 @@ from ..errors import ConfigError, DataError
 from ..kernels import optim_cpu
 from ..nn.stage import COLUMN, FULL, ROW, Stage
 from .base import StepResult, Strategy
+from .data import BucketedExchange
 
 
 def layer_splits(n_layers: int, tp: int) -> list[str]:
@@ -47,7 +49,7 @@ def global_specs(widths: list[int]) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-class TensorParallel(Strategy):
+class TensorParallel(BucketedExchange, Strategy):
     """This rank's partition: layers [lo, hi) of the model (all of them unless a pipeline cuts it),
     sharded over tp_comm and replicated over dp_comm. `PipelineParallel` adds the stages."""
 
@@ -78,6 +80,9 @@ class TensorParallel(Strategy):
                            if grid.tp > 1 and (self.stage.layer(k).split == FULL or
                                                (self.stage.layer(k).split == ROW and k.endswith(".bias")))]
         self.reports_loss = self.stage.is_last and grid.tp_rank == 0  # one rank per dp replica
+        # this partition's gradients summed over its dp replicas: buckets, overlapped with the last
+        # micro-batch's backward (the one that leaves them final)
+        self.setup_buckets([layer.name for layer in self.stage.layers], lo)
 
     # -- configuration -----------------------------------------------------------------------
     def check_config(self) -> None:
@@ -116,17 +121,12 @@ class TensorParallel(Strategy):
             acts = self.stage.forward(x[rows], tp_sum=self.tp_sum)
             dout = np.empty_like(acts[-1])
             loss_sum += self.stage.loss(acts[-1], labels[rows], self.global_batch, dout)
-            self.stage.backward(acts, dout, need_dx=False, accumulate=k > 0, tp_sum=self.tp_sum)
-        self.sync_grads(self.flat.grad)
+            last = k == self.micro_batches - 1
+            self.stage.backward(acts, dout, need_dx=False, accumulate=k > 0, tp_sum=self.tp_sum,
+                                on_layer_done=self.layer_done_hook() if last else None)
+        self.sync_grads()
         norm, finite = self.clip_and_update(t, lr)
         return StepResult(loss_sum if self.reports_loss else 0.0, norm, finite)
-
-    def sync_grads(self, grad: np.ndarray) -> None:
-        """grad (n,): this partition's gradient in, its sum over the partition's dp replicas out
-        (DataParallel's Allreduce, on this partition's dp_comm)."""
-        comm = self.grid.dp_comm
-        if comm.Get_size() > 1:
-            comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
 
     def norm_sum(self):
         """allreduce_sum for clip_and_check: this rank's squared norm -> the model's, every tensor once."""

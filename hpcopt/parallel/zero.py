@@ -94,7 +94,7 @@ class ZeroDataParallel(DataParallel):
         self.opt = optim.build(o, segments, device="cpu", source=cfg.source)
         self.opt_state = self.opt.init_state(self.hi - self.lo)        # (hi - lo,) per state array
         self.grad_shard = memory.zeros(self.hi - self.lo, f.dtype)   # (hi - lo,) summed gradients
-        self.setup_buckets()
+        self.setup_buckets([layer.name for layer in self.model.layers], 0)
         # bucket k: how many of its elements each rank receives, and where they land in grad_shard
         self.bucket_counts, self.bucket_dest = [], []
         for bk in self.buckets:
@@ -135,8 +135,7 @@ class ZeroDataParallel(DataParallel):
 
     def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
         self.started = 0
-        loss_sum = self.model.loss_and_grad(x, labels, self.global_batch,
-                                            self.on_layer_done if self.overlap else None)
+        loss_sum = self.model.loss_and_grad(x, labels, self.global_batch, self.layer_done_hook())
         self.sync_grads()
         o, comm = self.cfg.optimizer, self.grid.dp_comm
         total = None if comm.Get_size() == 1 else (lambda v: comm.allreduce(v, op=MPI.SUM))

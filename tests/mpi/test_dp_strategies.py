@@ -198,6 +198,7 @@ def test_zero1_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, digits):
     (["optimizer.name=lars", "parallel.zero=1"], "needs whole-layer norms"),
     (["optimizer.name=lamb", "parallel.zero=1"], "needs whole-layer norms"),
     (["parallel.strategy=async", "optimizer.on_nonfinite=stop"], "on_nonfinite"),
+    (["parallel.strategy=pipeline", "parallel.compression=fp16"], "parallel.compression = \"fp16\" applies to"),
 ])
 def test_unsupported_combinations_are_one_line_config_errors(tmp_path, digits, extra, message):
     p = train(digits, tmp_path / "r", None, *extra, steps=5, check=False, timeout=60)

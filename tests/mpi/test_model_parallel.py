@@ -52,6 +52,11 @@ LAYOUTS = {
                      "parallel.schedule=1f1b"]),
     "tp2": (2, ["parallel.strategy=tensor", "parallel.tp=2"]),
     "dp2-pp2": (4, ["parallel.strategy=pipeline", "parallel.dp=2", "parallel.pp=2", "parallel.micro_batches=4"]),
+    # one bucket per layer: the dp exchange starts during the last micro-batch's backward (overlap)
+    "dp2-pp2-buckets": (4, ["parallel.strategy=pipeline", "parallel.dp=2", "parallel.pp=2",
+                            "parallel.micro_batches=4", "parallel.bucket_mb=0.001", "parallel.overlap=true"]),
+    "dp2-tp2-buckets": (4, ["parallel.strategy=tensor", "parallel.dp=2", "parallel.tp=2",
+                            "parallel.micro_batches=2", "parallel.bucket_mb=0.001", "parallel.overlap=true"]),
     # a stage cut between the two halves of a tensor-parallel pair: dense0 (column) | dense1 (row) ...
     "pp2-tp2-cut-in-pair": (4, ["parallel.strategy=hybrid", "parallel.pp=2", "parallel.tp=2",
                                 "parallel.micro_batches=2", "parallel.stage_layers=[1, 3]"]),
