@@ -214,6 +214,8 @@ def _measure(args) -> list[dict]:
         import torch
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from .step import torch_mlp
     except ImportError:
         torch = None
     if torch is not None:
@@ -226,12 +228,7 @@ def _measure(args) -> list[dict]:
         port = world.bcast(port)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
         torch.manual_seed(0)
-        layers = []
-        for i in range(len(widths) - 1):
-            layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
-            if i < len(widths) - 2:
-                layers.append(torch.nn.ReLU())
-        model = DDP(torch.nn.Sequential(*layers))
+        model = DDP(torch_mlp(torch, widths))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         loss_fn = torch.nn.CrossEntropyLoss()
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)

@@ -12,6 +12,16 @@ import time
 import numpy as np
 
 
+def torch_mlp(torch, widths: list[int]):
+    """The peer's model: Linear layers of `widths` with ReLU between them, as hpcopt's MLP."""
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--layers", default="784,1024,1024,10", help="MLP widths (default 784,1024,1024,10)")
     p.add_argument("--batch", type=int, default=256)
@@ -55,12 +65,7 @@ def torch_step(widths, batch, x, y, threads):
     import torch
 
     torch.set_num_threads(threads)
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    model = torch_mlp(torch, widths)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
