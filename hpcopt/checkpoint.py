@@ -53,16 +53,88 @@ def checksum(a: np.ndarray, first_element: int = 0) -> np.ndarray:
 
 @dataclass
 class Piece:
-    """This rank's rows [row_start, row_start + len(data)) of one dataset of global `shape`."""
+    """This rank's block of one dataset of global `shape`: `data` = global[start[0]:..., start[1]:..., ...]
+    (an int start: a block of whole rows from that row)."""
     name: str                  # e.g. "params/dense0/weight"
     shape: tuple[int, ...]
     data: np.ndarray           # may hold no rows: every rank lists every dataset
-    row_start: int = 0
+    start: int | tuple[int, ...] = 0
+
+    @property
+    def corner(self) -> tuple[int, ...]:
+        """The global index of data's first element, one entry per dimension."""
+        start = (self.start,) if isinstance(self.start, (int, np.integer)) else tuple(self.start)
+        return tuple(int(s) for s in start) + (0,) * (len(self.shape) - len(start))
+
+    @property
+    def index(self) -> tuple[slice, ...]:
+        """Where data goes in the global array."""
+        return tuple(slice(c, c + n) for c, n in zip(self.corner, self.data.shape))
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where one tensor of a rank's buffers sits in the global array, and who writes it:
+    buffer[lo:hi] holds global[index] (reshaped); `replicas` ranks hold the same block and rank
+    `replica` among them writes its share of the block's rows, so every byte is written once."""
+    key: str                     # "dense0.weight"
+    index: tuple[slice, ...]     # this block of the global tensor (one slice per leading dimension)
+    lo: int                      # [lo, hi): the block in this rank's flat buffer (params, or a state array)
+    hi: int
+    replicas: int = 1
+    replica: int = 0
+    writer: bool = True          # False: this rank holds the block but another writes it (a parameter server)
+
+
+def block_shape(global_shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, global_shape)) + tuple(global_shape[len(index):])
+
+
+def dataset_name(prefix: str, key: str) -> str:
+    """"params", "dense0.weight" -> "params/dense0/weight"."""
+    return f"{prefix}/{key.replace('.', '/')}"
+
+
+def piece(prefix: str, key: str, global_shape: tuple[int, ...], block: Block | None, buf: np.ndarray,
+          dtype=None) -> Piece:
+    """THE layout function, for every layout (replicas, ZeRO shards, tensor blocks, pipeline stages,
+    a parameter server): this rank's Piece of dataset prefix/key out of its buffer `buf`. block=None:
+    this rank holds none of the tensor (it still lists the dataset: creation is collective)."""
+    name = dataset_name(prefix, key)
+    if block is None or not block.writer:
+        return Piece(name, global_shape, np.empty((0,) + tuple(global_shape[1:]), dtype or buf.dtype))
+    local = buf[block.lo:block.hi].reshape(block_shape(global_shape, block.index))
+    lo, hi = rows_of(local.shape[0], block.replica, block.replicas)
+    corner = [s.indices(n)[0] for s, n in zip(block.index, global_shape)]
+    corner[0] += lo
+    return Piece(name, global_shape, local[lo:hi], tuple(corner))
+
+
+def restore_block(global_array: np.ndarray, block: Block, buf: np.ndarray) -> None:
+    """The way back: buf[lo:hi] := this rank's block of a global array read from a checkpoint."""
+    buf[block.lo:block.hi] = global_array[block.index].reshape(-1)
 
 
 def rows_of(n_rows: int, rank: int, nranks: int) -> tuple[int, int]:
     """The contiguous share [lo, hi) of n_rows that rank writes when nranks hold the same tensor."""
     return n_rows * rank // nranks, n_rows * (rank + 1) // nranks
+
+
+def piece_checksum(p: Piece) -> np.ndarray:
+    """The [s1, s2] part of p's dataset checksum that p's block contributes (zero if empty).
+
+    A block of whole rows is contiguous in the global array: one pass. A block cut in a later dimension
+    (a tensor-parallel column block) is summed as its contiguous runs, each at its global position."""
+    if p.data.size == 0:
+        return np.zeros(2, np.uint64)
+    shape, corner, bshape = p.shape, p.corner, p.data.shape
+    cut = max([d for d in range(len(shape)) if bshape[d] != shape[d]] + [0])  # the last partial dimension
+    strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    total = np.zeros(2, np.uint64)
+    for idx in np.ndindex(*bshape[:cut]):  # one contiguous run per index over the dimensions before `cut`
+        first = sum((corner[d] + i) * strides[d] for d, i in enumerate(idx)) + corner[cut] * strides[cut]
+        total += checksum(p.data[idx], first)
+    return total % np.uint64(CHECKSUM_MOD)
 
 
 def parallel_hdf5() -> bool:
@@ -82,8 +154,7 @@ def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) 
                  checksum_algorithm="fletcher-position-31", datasets=[p.name for p in pieces])
     parts = np.zeros((len(pieces), 2), dtype=np.uint64)
     for i, p in enumerate(pieces):
-        row = int(np.prod(p.shape[1:], dtype=np.int64))
-        parts[i] = checksum(p.data, p.row_start * row) if p.data.size else 0
+        parts[i] = piece_checksum(p)
     totals = np.zeros_like(parts)
     comm.Allreduce(parts, totals, op=MPI.SUM)
     totals %= np.uint64(CHECKSUM_MOD)
@@ -102,7 +173,7 @@ def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) 
             merged = [Piece(p.name, p.shape, np.empty(p.shape, p.data.dtype)) for p in pieces]
             for rank_pieces in gathered:
                 for m, p in zip(merged, rank_pieces):
-                    m.data[p.row_start:p.row_start + len(p.data)] = p.data
+                    m.data[p.index] = p.data
             _fill(h5py.File(tmp, "w", libver="latest"), merged, totals, attrs)
     if comm.Get_rank() == 0:
         with open(tmp, "rb+") as fh:  # closed by HDF5; make it durable before it gets its final name
@@ -119,8 +190,8 @@ def _fill(f: h5py.File, pieces: list[Piece], checksums: np.ndarray, attrs: dict)
             f.attrs[k] = v
         for p, c in zip(pieces, checksums):
             ds = f.create_dataset(p.name, shape=p.shape, dtype=p.data.dtype, fill_time="never")
-            if len(p.data):
-                ds[p.row_start:p.row_start + len(p.data)] = p.data
+            if p.data.size:
+                ds[p.index] = p.data
             ds.attrs["checksum"] = c
 
 

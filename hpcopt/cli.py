@@ -36,7 +36,7 @@ def _train(args) -> int:
     trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force)
     comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "
                     f"{trainer.total_steps} steps of {trainer.global_batch} samples, "
-                    f"optimizer {trainer.strategy.opt.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
+                    f"optimizer {cfg.optimizer.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
     summary = trainer.fit()
     comm.root_print(summary.line())
     return EXIT_RESUME if summary.stopped_by else 0
@@ -109,6 +109,12 @@ def _ckpt_export(args) -> int:
     return 0
 
 
+def _schedule(args) -> int:
+    from .parallel import schedule
+
+    return schedule.run(args)
+
+
 def _bench(args) -> int:
     from .bench import run_suite
 
@@ -156,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.set_defaults(fn=_ckpt_export)
 
+    sc = sub.add_parser("schedule", help="dry run: print a pipeline schedule's actions, timeline and bubble",
+                        description="Print each stage's action list (with its sends and receives), a timeline "
+                        "and the peak activations and bubble per stage of a pipeline schedule, without an MPI "
+                        "job (parallel.schedule, parallel.pp, parallel.micro_batches).")
+    from .names import PIPELINE_SCHEDULES  # numpy-free: nothing heavy loads before a command runs
+
+    sc.add_argument("--pp", type=int, default=4, help="stages P")
+    sc.add_argument("--micro-batches", type=int, default=8, help="micro-batches M per step")
+    sc.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default="1f1b")
+    sc.add_argument("--forward-cost", type=float, default=1.0, help="time units of one forward on one stage")
+    sc.add_argument("--backward-cost", type=float, default=2.0, help="time units of one backward")
+    sc.set_defaults(fn=_schedule)
+
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub).set_defaults(fn=_bench)
@@ -182,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`hpcopt schedule | head`): nothing left to say
+        sys.stderr.close()
+        return 141
     except BaseException as e:  # a bug or a failure on one rank: end the whole job, never hang
         if isinstance(e, SystemExit):
             raise

@@ -15,12 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from . import names
 from .errors import ConfigError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw",
-              "adamax", "nadam", "lars", "lamb")
-SCHEDULES = ("constant", "step", "exponential", "cosine", "linear")
-STRATEGIES = ("data", "pipeline", "tensor", "hybrid", "local_sgd", "async")
+OPTIMIZERS = tuple(names.OPTIMIZERS)
+SCHEDULES = names.LR_SCHEDULES
+STRATEGIES = tuple(names.STRATEGIES)
 
 
 def opt(default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
@@ -54,10 +54,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     layers: list[int] = opt([64, 128, 10], length=2, ge=1, doc="widths: input, hidden..., output")
-    activation: str = opt("relu", choices=("relu", "tanh", "sigmoid"), doc="between layers; none after the last")
-    loss: str = opt("softmax_ce", choices=("softmax_ce", "mse"), doc="mse: against one-hot labels, mean over outputs")
+    activation: str = opt("relu", choices=names.ACTIVATIONS, doc="between layers; none after the last")
+    loss: str = opt("softmax_ce", choices=names.LOSSES, doc="mse: against one-hot labels, mean over outputs")
     dtype: str = opt("float32", choices=("float32", "float64"), doc="parameters, activations and optimizer state")
-    init: str = opt("he", choices=("he", "xavier"), doc="he: normal(0, sqrt(2/n_in)); xavier: Glorot uniform; biases 0")
+    init: str = opt("he", choices=names.INITS, doc="he: normal(0, sqrt(2/n_in)); xavier: Glorot uniform; biases 0")
 
 
 @dataclass
@@ -97,25 +97,30 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = opt("data", choices=STRATEGIES)
+    strategy: str = opt("data", choices=STRATEGIES, doc="how ranks share the work (README: parallel strategies); "
+                        "which keys apply to which: \"Rules between keys\" below")
     dp: Union[int, str] = opt("auto", doc="data-parallel replicas, or \"auto\": world / (pp*tp)")
-    pp: int = opt(1, ge=1)
-    tp: int = opt(1, ge=1)
-    micro_batches: int = opt(1, ge=1)
-    schedule: str = opt("1f1b", choices=("gpipe", "1f1b"))
+    pp: int = opt(1, ge=1, doc="pipeline stages (pipeline, hybrid)")
+    tp: int = opt(1, ge=1, doc="tensor-parallel ranks per dense pair (tensor, hybrid)")
+    micro_batches: int = opt(1, ge=1, doc="micro-batches per replica's batch; gradients accumulate over them "
+                             "(pipeline, tensor, hybrid)")
+    schedule: str = opt("1f1b", choices=names.PIPELINE_SCHEDULES, doc="pipeline schedule: gpipe (all forwards, "
+                        "then all backwards) or 1f1b (at most P micro-batches of activations held)")
     balance: str = opt("params", choices=("params", "flops"),
                        doc="pipeline stages: cut the layers so each stage gets about equal parameters or FLOPs")
     stage_layers: list[int] = opt([], ge=1, doc="pipeline stages given explicitly: layers per stage (pp entries "
                                   "summing to the layer count); empty: balanced by parallel.balance")
-    bucket_mb: float = opt(25.0, gt=0)
-    overlap: bool = opt(True)
-    compression: str = opt("none", choices=("none", "fp16", "bf16", "topk"))
-    topk_density: float = opt(0.01, gt=0, le=1)
-    zero: int = opt(0, ge=0, le=1)
-    average_every: int = opt(1, ge=1)
+    bucket_mb: float = opt(25.0, gt=0, doc="gradient bucket size in MiB for the dp exchange (data, pipeline, "
+                           "tensor, hybrid)")
+    overlap: bool = opt(True, doc="start each bucket's exchange during backward as soon as its layers are done")
+    compression: str = opt("none", choices=names.CODECS, doc="gradients on the wire: fp16/bf16 (16-bit sums "
+                           "in float32) or topk with error feedback (data; float32 models)")
+    topk_density: float = opt(0.01, gt=0, le=1, doc="fraction of each bucket sent by compression = topk")
+    zero: int = opt(0, ge=0, le=1, doc="1: ZeRO stage 1, optimizer state sharded over dp (data; cpu; not lars/lamb)")
+    average_every: int = opt(1, ge=1, doc="local_sgd: average the replicas' parameters every H updates")
     average_optimizer_state: bool = opt(False, doc="local_sgd: average the optimizer state with the parameters "
                                         "every parallel.average_every steps (checkpoints always average both)")
-    max_staleness: int = opt(4, ge=0)
+    max_staleness: int = opt(4, ge=0, doc="async: pushes a worker may have unanswered before it waits")
 
 
 @dataclass
@@ -127,7 +132,7 @@ class CheckpointConfig:
 
 @dataclass
 class BackendConfig:
-    device: str = opt("cpu", choices=("cpu", "cuda"), doc="where optimizer kernels run (cuda: numba.cuda)")
+    device: str = opt("cpu", choices=names.DEVICES, doc="where optimizer kernels run (cuda: numba.cuda)")
     threads: int = opt(0, ge=0, doc="threads per rank (BLAS and Numba); 0: cores / ranks on the node")
 
 
@@ -280,8 +285,9 @@ def load(path: str | None, overrides: typing.Sequence[str] = ()) -> JobConfig:
     return from_doc(doc, path or "<defaults>", overrides)
 
 
-def from_doc(doc: dict, source: str, overrides: typing.Sequence[str] = ()) -> JobConfig:
-    """Build and validate a config from a parsed TOML document."""
+def from_doc(doc: dict, source: str, overrides: typing.Sequence[str] = (), rules: bool = True) -> JobConfig:
+    """Build and validate a config from a parsed TOML document (rules=False: each key alone, no
+    cross-key rules: for configs stored by an earlier version, whose rules may have been looser)."""
     cfg = JobConfig(source=source)
     for section, table in doc.items():
         if not isinstance(table, dict):
@@ -293,12 +299,86 @@ def from_doc(doc: dict, source: str, overrides: typing.Sequence[str] = ()) -> Jo
     for text in overrides:
         section, key, value = _parse_override(text)
         _set(cfg, section, key, value, "command line")
-    validate(cfg)
+    if rules:
+        validate(cfg)
     return cfg
 
 
+# -- rules between keys: tables, checked once at load (validate) and once the world is known (validate_layout)
+ALL_BUT = lambda *out: tuple(s for s in STRATEGIES if s not in out)  # noqa: E731
+
+# A key that changes what a strategy does, and the strategies that read it: set to anything but its
+# default under any other strategy, it is an error (it would be silently ignored).
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    "parallel.micro_batches": ("pipeline", "tensor", "hybrid"),
+    "parallel.schedule": ("pipeline", "hybrid"),
+    "parallel.balance": ("pipeline", "hybrid"),
+    "parallel.stage_layers": ("pipeline", "hybrid"),
+    "parallel.bucket_mb": ("data", "pipeline", "tensor", "hybrid"),
+    "parallel.overlap": ("data", "pipeline", "tensor", "hybrid"),
+    "parallel.compression": ("data",),
+    "parallel.topk_density": ("data",),
+    "parallel.zero": ("data",),
+    "parallel.average_every": ("local_sgd",),
+    "parallel.average_optimizer_state": ("local_sgd",),
+    "parallel.max_staleness": ("async",),
+}
+
+# A key that only means something when another key has one of some values (set otherwise: an error).
+NEEDS: dict[str, tuple[str, tuple]] = {
+    "parallel.topk_density": ("parallel.compression", ("topk",)),
+    "schedule.step_size": ("schedule.name", ("step",)),
+    "schedule.gamma": ("schedule.name", ("step", "exponential")),
+    "schedule.min_lr": ("schedule.name", ("cosine", "linear")),
+    "schedule.total_steps": ("schedule.name", ("cosine", "linear")),
+    "schedule.base_batch_size": ("schedule.scale_lr_with_batch", (True,)),
+    "optimizer.nesterov": ("optimizer.name", ("sgd", "momentum", "nesterov")),
+}
+
+# strategy -> the backend.device values it runs on (the update of local_sgd, async and ZeRO-1 is host-only)
+DEVICES_OF: dict[str, tuple[str, ...]] = {s: names.DEVICES for s in STRATEGIES}
+DEVICES_OF.update(local_sgd=("cpu",), **{"async": ("cpu",)})
+
+# (condition, why) pairs of values that cannot go together; `why` follows the first key's "= value".
+EXCLUDES: list[tuple[str, object, str, object, str]] = [
+    ("parallel.zero", 1, "optimizer.name", ("lars", "lamb"),
+     "{b} needs whole-layer norms, which parallel.zero = 1 shards apart; use parallel.zero = 0"),
+    ("parallel.zero", 1, "parallel.compression", ("fp16", "bf16", "topk"),
+     "is not available with {b} (use one or the other)"),
+    ("parallel.zero", 1, "backend.device", ("cuda",),
+     "runs the optimizer on the host: not available with {b}"),
+    ("parallel.strategy", "async", "optimizer.on_nonfinite", ("stop",),
+     "drops non-finite gradients on the server; {b} is not available with it"),
+    ("parallel.compression", ("fp16", "bf16", "topk"), "model.dtype", ("float64",),
+     "needs model.dtype = \"float32\" (not {b})"),
+]
+
+
+def get(cfg: JobConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(cfg.section(section), key)
+
+
+def default_of(dotted: str) -> Any:
+    section, key = dotted.split(".")
+    f = {f.name: f for f in dataclasses.fields(type(JobConfig().section(section)))}[key]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _is_set(cfg: JobConfig, dotted: str) -> bool:
+    return get(cfg, dotted) != default_of(dotted)
+
+
+def _matches(value: Any, allowed: Any) -> bool:
+    return value in allowed if isinstance(allowed, tuple) else value == allowed
+
+
+def _eq(dotted: str, value: Any) -> str:
+    return f"{dotted} = {_fmt(value)}"
+
+
 def validate(cfg: JobConfig) -> None:
-    """Checks that involve several keys. World-size checks happen in comm.Grid."""
+    """Checks that involve several keys, from the tables above. World-size checks: validate_layout."""
     src = cfg.source
     bs = cfg.data.batch_size
     if isinstance(bs, str) and bs != "all":
@@ -310,8 +390,65 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"{src}: parallel.dp must be a positive integer or \"auto\" (got {_fmt(dp)})")
     if isinstance(dp, int) and dp < 1:
         raise ConfigError(f"{src}: parallel.dp must be >= 1 (got {dp})")
-    if cfg.optimizer.nesterov and cfg.optimizer.name not in ("sgd", "momentum", "nesterov"):
-        raise ConfigError(f"{src}: optimizer.nesterov applies to sgd/momentum/nesterov, not {cfg.optimizer.name}")
+    if cfg.optimizer.betas is not None and len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"{src}: optimizer.betas needs exactly 2 entries [beta1, beta2] "
+                          f"(got {_fmt(cfg.optimizer.betas)})")
+    strategy = cfg.parallel.strategy
+    for key, strategies in APPLIES_TO.items():
+        if strategy not in strategies and _is_set(cfg, key):
+            raise ConfigError(f"{src}: {_eq(key, get(cfg, key))} applies to parallel.strategy = "
+                              f"{' / '.join(_fmt(s) for s in strategies)} only (this job's is {_fmt(strategy)})")
+    for key, (other, values) in NEEDS.items():
+        if _is_set(cfg, key) and get(cfg, other) not in values:
+            raise ConfigError(f"{src}: {key} applies only when {other} = {' / '.join(_fmt(v) for v in values)} "
+                              f"(this job's is {_fmt(get(cfg, other))})")
+    if cfg.backend.device not in DEVICES_OF[strategy]:
+        raise ConfigError(f"{src}: parallel.strategy = {_fmt(strategy)} runs the optimizer on "
+                          f"{' / '.join(DEVICES_OF[strategy])} only: backend.device = {_fmt(cfg.backend.device)} "
+                          f"is not available with it")
+    for a, a_values, b, b_values, why in EXCLUDES:
+        if _matches(get(cfg, a), a_values) and _matches(get(cfg, b), b_values):
+            raise ConfigError(f"{src}: {_eq(a, get(cfg, a))} " + why.format(b=_eq(b, get(cfg, b))))
+
+
+# strategy -> the grid axes (besides dp) it may split: pp / tp > 1 under any other is an error
+AXES_OF = {"pipeline": ("pp",), "tensor": ("tp",), "hybrid": ("pp", "tp")}
+
+
+def validate_layout(cfg: JobConfig, dp: int, pp: int, tp: int, global_batch: int) -> None:
+    """The rules that need the process grid and the global batch; ConfigError naming the keys. Runs on
+    every rank alike (no communication), before any buffer is allocated."""
+    src, p, widths = cfg.source, cfg.parallel, cfg.model.layers
+    name, axes = p.strategy, AXES_OF.get(p.strategy, ())
+    if (pp > 1 or tp > 1) and not axes:
+        raise ConfigError(f"{src}: parallel.pp/tp > 1 need parallel.strategy = \"pipeline\", "
+                          f"\"tensor\" or \"hybrid\"")
+    if tp > 1 and "tp" not in axes:
+        raise ConfigError(f"{src}: parallel.tp = {tp} needs parallel.strategy = \"tensor\" or "
+                          f"\"hybrid\" (\"{name}\" splits only into parallel.pp stages)")
+    if pp > 1 and "pp" not in axes:
+        raise ConfigError(f"{src}: parallel.pp = {pp} needs parallel.strategy = \"pipeline\" or "
+                          f"\"hybrid\" (\"{name}\" splits only over parallel.tp)")
+    if not axes:
+        return
+    n_layers = len(widths) - 1
+    if pp > n_layers:
+        raise ConfigError(f"{src}: parallel.pp = {pp} stages but model.layers has only {n_layers} layers")
+    if p.stage_layers and (len(p.stage_layers) != pp or sum(p.stage_layers) != n_layers):
+        raise ConfigError(f"{src}: parallel.stage_layers = {p.stage_layers} must have parallel.pp = {pp} entries "
+                          f"summing to the {n_layers} layers of model.layers")
+    per_replica = global_batch // dp
+    if per_replica % p.micro_batches:
+        raise ConfigError(f"{src}: parallel.micro_batches = {p.micro_batches} does not divide the per-replica "
+                          f"batch data.batch_size / dp = {global_batch}/{dp} = {per_replica}")
+    if tp > 1:
+        for i in range(0, n_layers - 1, 2):  # dense i (column) and dense i+1 (row) split width i+1
+            if widths[i + 1] % tp:
+                raise ConfigError(f"{src}: model.layers[{i + 1}] = {widths[i + 1]} does not divide by "
+                                  f"parallel.tp = {tp} (dense{i} and dense{i + 1} split that width)")
+        if cfg.optimizer.name in ("lars", "lamb"):
+            raise ConfigError(f"{src}: optimizer.name = \"{cfg.optimizer.name}\" takes per-tensor norms, "
+                              f"which parallel.tp = {tp} splits over ranks: use parallel.tp = 1")
 
 
 def resolve_out_dir(cfg: JobConfig, env: typing.Mapping[str, str] = os.environ) -> str:
@@ -340,7 +477,7 @@ def from_toml_text(text: str, source: str) -> JobConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: stored config is not valid TOML ({e})") from None
-    return from_doc(doc, source)
+    return from_doc(doc, source, rules=False)
 
 
 def as_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
@@ -373,6 +510,25 @@ def reference_markdown() -> str:
                        f"{'-' if default is None else '`' + _fmt(default) + '`'} | {'; '.join(allowed)} | "
                        f"{m.get('doc', '')} |")
         out.append("")
+    out += ["## Rules between keys", "",
+            "Checked once when the job is read (`config.validate`), from the tables in `hpcopt/config.py`; a",
+            "broken rule is one line naming the keys, exit 2. A key left at its default never breaks a rule.", "",
+            "| key | applies to parallel.strategy |", "|---|---|"]
+    out += [f"| `{k}` | {', '.join(v)} |" for k, v in APPLIES_TO.items()]
+    out += ["", "| key | applies only when |", "|---|---|"]
+    out += [f"| `{k}` | `{o}` = {' / '.join(_fmt(x) for x in vs)} |" for k, (o, vs) in NEEDS.items()]
+    out += ["", "| parallel.strategy | backend.device |", "|---|---|"]
+    out += [f"| `{k}` | {', '.join(v)} |" for k, v in DEVICES_OF.items()]
+    out += ["", "| when | and | refused because |", "|---|---|---|"]
+    for a, av, b, bv, why in EXCLUDES:
+        vals = lambda v: " / ".join(_fmt(x) for x in v) if isinstance(v, tuple) else _fmt(v)  # noqa: E731
+        out.append(f"| `{a}` = {vals(av)} | `{b}` = {vals(bv)} | {why.format(b=b)} |")
+    out += ["", "Once the world size is known (`config.validate_layout`, before any buffer is allocated):",
+            "`parallel.pp` > 1 needs `pipeline` or `hybrid`, `parallel.tp` > 1 `tensor` or `hybrid`; at most one",
+            "stage per layer; `parallel.stage_layers` has `pp` entries summing to the layers; `micro_batches`",
+            "divides the per-replica batch; under tp > 1 the width between the layers of each dense pair",
+            "divides by tp, and lars/lamb (per-tensor norms) are refused. `data.batch_size` divides among",
+            "the dp ranks and fits the data (checked with the data file).", ""]
     return "\n".join(out)
 
 

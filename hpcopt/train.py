@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, config, parallel
+from . import checkpoint, config, optim, parallel
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
@@ -139,6 +139,7 @@ class Trainer:
         s = cfg.schedule
         base = s.base_batch_size or self.global_batch // grid.dp
         self.lr_scale = self.global_batch / base if s.scale_lr_with_batch else 1.0
+        self.base_lr = optim.base_lr(cfg.optimizer)  # resolved once, from the config; the schedule starts here
         self.step_count = 0      # global steps done (0-based index of the next step)
         self.opt_steps = 0       # optimizer updates applied (steps minus skipped ones)
         self.skipped = 0         # steps skipped for a non-finite gradient
@@ -152,7 +153,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
-        return lr_at(step, self.strategy.opt.hp.lr, self.cfg.schedule, self.cfg.schedule.total_steps or self.total_steps,
+        return lr_at(step, self.base_lr, self.cfg.schedule, self.cfg.schedule.total_steps or self.total_steps,
                      self.lr_scale)
 
     def step(self) -> tuple[float, float, float]:
@@ -290,7 +291,7 @@ class Trainer:
         return dict(step=self.step_count, epoch=epoch, batch_in_epoch=batch, seed=self.cfg.run.seed,
                     opt_steps=self.opt_steps, skipped=self.skipped, lr=self.lr(max(self.step_count - 1, 0)),
                     config=config.to_toml(self.cfg), world=np.array([g.dp, g.pp, g.tp], dtype=np.int64),
-                    optimizer=self.strategy.opt.name, strategy=self.strategy.name)
+                    optimizer=self.cfg.optimizer.name, strategy=self.strategy.name)
 
     def save(self) -> str:
         """Checkpoint at the current step: every rank writes its rows of one file (parallel HDF5)."""

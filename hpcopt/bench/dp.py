@@ -10,7 +10,7 @@ scaling at fixed resources per rank. Inside each launch, every rank measures, in
   DDP        torch.nn.parallel.DistributedDataParallel over a gloo process group (rank and world from
              mpirun's environment, a localhost port), the same model, batch, threads and
              torch.optim.Adam(fused=True)
-  sync       hpcopt's gradient exchange alone (`sync_grads`, one bucket) vs `comm.Allreduce` of the
+  sync       hpcopt's gradient exchange alone (`exchange.reduce`, one bucket) vs `comm.Allreduce` of the
              same buffer, timed in pairs of one call each (overhead: the median of the per-pair ratios)
 Figures are medians over --repeats; the machine is shared, so medians and ratios matter more than
 absolute numbers.
@@ -107,7 +107,7 @@ def _timed(step, comm, steps: int, repeats: int) -> list[float]:
 
 
 def _sync_vs_bare(s, comm, steps: int, repeats: int) -> dict:
-    """hpcopt's gradient exchange (`sync_grads`) vs `comm.Allreduce` of the same bytes IN THE SAME
+    """hpcopt's gradient exchange (`exchange.reduce`) vs `comm.Allreduce` of the same bytes IN THE SAME
     BUFFER (flat.grad), so that the ratio is hpcopt's own cost and not where the memory lies (page size
     and placement move a 7 MB Allreduce by 10-40% here). Timed in PAIRS: every pair times one call of
     each, back to back after a barrier (which goes first alternates), so the machine's drifting load
@@ -118,7 +118,7 @@ def _sync_vs_bare(s, comm, steps: int, repeats: int) -> dict:
     snapshot = grad.copy()
 
     def ours():
-        s.sync_grads()
+        s.exchange.reduce()
 
     def theirs():
         comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
@@ -148,14 +148,14 @@ def _sync_vs_bare(s, comm, steps: int, repeats: int) -> dict:
 
 def _strategy(widths, batch, world, bucket_mb: float, overlap: bool):
     from .. import comm as hcomm
+    from .. import parallel
     from ..config import from_doc
-    from ..parallel.data import DataParallel
 
     cfg = from_doc(dict(model=dict(layers=widths), optimizer=dict(name="adam", lr=1e-3),
                         data=dict(batch_size=batch * world.Get_size()),
                         parallel=dict(bucket_mb=bucket_mb, overlap=overlap)), "bench dp")
     grid = hcomm.make_grid(world, "auto", 1, 1, cfg.source)
-    return DataParallel(cfg, grid, batch * world.Get_size())
+    return parallel.build(cfg, grid, batch * world.Get_size())
 
 
 def _measure(args) -> list[dict]:
@@ -183,15 +183,16 @@ def _measure(args) -> list[dict]:
 
         step()
         step()
-        s.sync_s = s.wait_s = 0.0
-        s.steps_timed = 0
+        ex = s.exchange
+        ex.sync_s = ex.wait_s = 0.0
+        ex.steps_timed = 0
         times = _timed(step, world, args.steps, args.repeats)
-        per = max(s.steps_timed, 1)
+        per = max(ex.steps_timed, 1)
         raw[f"hpcopt_sps{key}"] = size * args.batch / med(times)
         raw[f"step_ms{key}"] = 1e3 * med(times)
-        raw[f"sync_in_step_ms{key}"] = 1e3 * s.sync_s / per   # start + wait, inside the step
-        raw[f"wait_ms{key}"] = 1e3 * s.wait_s / per           # waiting after backward
-        raw["buckets" + key] = len(s.buckets)
+        raw[f"sync_in_step_ms{key}"] = 1e3 * ex.sync_s / per   # start + wait, inside the step
+        raw[f"wait_ms{key}"] = 1e3 * ex.wait_s / per           # waiting after backward
+        raw["buckets" + key] = len(ex.buckets)
         if not overlap:
             raw["grad_mb"] = s.flat.grad.nbytes / 2**20
             if size > 1:  # the exchange alone vs a bare Allreduce of the same bytes

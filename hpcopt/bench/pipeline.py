@@ -70,15 +70,14 @@ def run(args) -> list[dict]:
 
 
 def _strategy(P: int, M: int, schedule: str, args, grid):
-    from .. import config
-    from ..parallel.pipeline import PipelineParallel
+    from .. import config, parallel
 
     W, L = args.width, args.layers_per_stage
     doc = dict(model=dict(layers=[W] * (P * L + 1), loss="mse"), data=dict(batch_size=args.rows * M),
                optimizer=dict(name="sgd", lr=1e-4),
                parallel=dict(strategy="pipeline", pp=P, micro_batches=M, schedule=schedule))
     cfg = config.from_doc(doc, "bench pipeline")
-    return PipelineParallel(cfg, grid, args.rows * M)
+    return parallel.build(cfg, grid, args.rows * M)
 
 
 def _measure(args) -> list[dict]:
@@ -86,7 +85,7 @@ def _measure(args) -> list[dict]:
     from mpi4py import MPI
 
     from ..comm import make_grid
-    from ..parallel.pipeline import build_schedule, simulate, theoretical_bubble
+    from ..parallel.schedule import build_schedule, simulate, theoretical_bubble
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     world = MPI.COMM_WORLD
@@ -110,7 +109,7 @@ def _measure(args) -> list[dict]:
                     t0 = time.perf_counter()
                     strat.step(x, labels, t, 1e-4)
                     t1 = time.perf_counter()
-                    st = strat.last_stats
+                    st = strat.executor.last_stats
                     mine = dict(busy=st.busy, first=st.events[0][2], last=st.end, step=t1 - t0,
                                 costs=[(op, mb, cpu) for op, mb, _, _, cpu in st.events],
                                 peak=st.peak_activations)

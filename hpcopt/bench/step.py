@@ -44,19 +44,17 @@ def _time_steps(step, steps: int, repeats: int) -> list[float]:
 def hpcopt_step(widths, batch, x, y):
     from ..config import OptimizerConfig
     from ..nn import MLP
-    from ..optim import build
-    from ..optim.clip import clip_and_check
+    from ..parallel.update import Update
 
     model = MLP(widths, "relu", "softmax_ce", "float32", seed=0)
-    opt = build(OptimizerConfig(name="adam", lr=1e-3), model.flat.segments())
-    state = opt.init_state(model.flat.size)
+    f = model.flat
+    update = Update(OptimizerConfig(name="adam", lr=1e-3), f.data, f.grad, f.segments())
     t = [0]
 
     def step():
         model.loss_and_grad(x, y, batch)
-        clip_and_check(model.flat.grad, 0.0, 0.0)  # the trainer's norm / non-finite pass
         t[0] += 1
-        opt.step(model.flat.data, model.flat.grad, state, t[0], 1e-3)
+        update.apply(t[0], 1e-3)  # the trainer's path: norm / non-finite pass, then the Adam kernel
 
     return step
 

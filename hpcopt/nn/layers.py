@@ -2,24 +2,71 @@
 
 Shapes: x (B, n_in) · weight (n_in, n_out) · bias (n_out,) · a (B, n_out).
 The weight is stored (n_in, n_out) so that forward is x @ W (torch's Linear stores W.T).
+
+A layer is the whole global layer or one tensor-parallel block of it (`split`):
+    FULL     weight (n_in, n_out)          bias (n_out,)         the whole layer
+    COLUMN   weight (n_in, n_out / tp)     bias (n_out / tp,)    output columns [r·n_out/tp, (r+1)·n_out/tp)
+    ROW      weight (n_in / tp, n_out)     bias (n_out,)         input rows of the same block; bias whole
+A COLUMN layer followed by a ROW layer is a tensor-parallel MLP block: the column layer's output stays
+split, the row layer's partial products are summed over tp (`tp_sum`, one Allreduce) before its bias and
+activation; backward, the column layer's input gradient is the one sum. nn/ holds no communicator:
+the caller passes `tp_sum(a)`, an in-place sum over the tensor-parallel ranks.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from ..kernels import cpu as K
 from .params import FlatParams, ParamSpec
 
+FULL, COLUMN, ROW = "full", "column", "row"
+TpSum = Callable[[np.ndarray], None]
+
+
+def _no_sum(a: np.ndarray) -> None:
+    return None
+
+
+def init_rng(seed: int, layer_index: int) -> np.random.Generator:
+    """Counter-based stream per (seed, layer): a layer's init does not depend on how the model is split."""
+    return np.random.Generator(np.random.Philox(key=np.array([seed, 1_000_000 + layer_index], dtype=np.uint64)))
+
 
 class Dense:
-    def __init__(self, name: str, n_in: int, n_out: int, activation: str = "identity"):
-        self.name, self.n_in, self.n_out = name, n_in, n_out
+    def __init__(self, name: str, n_in: int, n_out: int, activation: str = "identity",
+                 split: str = FULL, tp: int = 1, tp_rank: int = 0):
+        self.global_in, self.global_out, self.split = n_in, n_out, split
+        self.rows, self.cols = slice(0, n_in), slice(0, n_out)  # this block of the global weight
+        if split == COLUMN:
+            w = n_out // tp
+            self.cols = slice(tp_rank * w, (tp_rank + 1) * w)
+        elif split == ROW:
+            h = n_in // tp
+            self.rows = slice(tp_rank * h, (tp_rank + 1) * h)
+        self.name = name
+        self.n_in, self.n_out = self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
         self.activation = activation
         self.act = K.ACTIVATIONS[activation]
+        self._dW = self._db = None  # scratch for accumulating micro-batches, made on first use
 
     def param_specs(self) -> list[ParamSpec]:
         return [ParamSpec(self.name, "weight", (self.n_in, self.n_out)),
                 ParamSpec(self.name, "bias", (self.n_out,))]
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        return (self.global_in, self.global_out) if name == "weight" else (self.global_out,)
+
+    def block(self, name: str) -> tuple[slice, ...]:
+        """Index of this layer's part in the global tensor `name` ("weight" or "bias")."""
+        if name == "weight":
+            return self.rows, self.cols
+        return (self.cols,)
+
+    def replicated_over_tp(self, name: str) -> bool:
+        """Whether every tp rank holds this tensor alike (a FULL layer, a ROW layer's bias)."""
+        return self.split == FULL or (self.split == ROW and name == "bias")
 
     def bind(self, flat: FlatParams) -> None:
         """Take views into the flat parameter and gradient buffers."""
@@ -27,25 +74,47 @@ class Dense:
         self.dW, self.db = flat.grad_of(f"{self.name}.weight"), flat.grad_of(f"{self.name}.bias")
 
     def init(self, rng: np.random.Generator, scheme: str) -> None:
+        """The global layer's init drawn whole, then this block of it: any split starts from the
+        parameters of the unsplit layer. he: normal(0, sqrt(2 / n_in)); xavier: Glorot uniform."""
+        shape = (self.global_in, self.global_out)
         if scheme == "he":
-            std = np.sqrt(2.0 / self.n_in)
-            self.W[...] = rng.standard_normal(self.W.shape) * std
-        else:  # xavier (Glorot) uniform
-            lim = np.sqrt(6.0 / (self.n_in + self.n_out))
-            self.W[...] = rng.uniform(-lim, lim, self.W.shape)
+            full = rng.standard_normal(shape) * np.sqrt(2.0 / self.global_in)
+        else:
+            lim = np.sqrt(6.0 / (self.global_in + self.global_out))
+            full = rng.uniform(-lim, lim, shape)
+        self.W[...] = full[self.rows, self.cols]
         self.b[...] = 0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, n_in) -> a = act(x @ W + b) (B, n_out)."""
-        a = np.matmul(x, self.W)
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None, tp_sum: TpSum = _no_sum) -> np.ndarray:
+        """x (B, n_in) -> a = act(x @ W [summed over tp for ROW] + b) (B, n_out), into `out` if given."""
+        a = np.matmul(x, self.W, out=out)
+        if self.split == ROW:
+            tp_sum(a)
         K.bias_act_forward(a, self.b, self.act)
         return a
 
-    def backward(self, x: np.ndarray, a: np.ndarray, da: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        """da (B, n_out) is overwritten with dL/dz; writes dW (n_in, n_out) and db (n_out,).
+    def backward(self, x: np.ndarray, a: np.ndarray, da: np.ndarray, need_dx: bool,
+                 accumulate: bool = False, dx_out: np.ndarray | None = None,
+                 tp_sum: TpSum = _no_sum) -> np.ndarray | None:
+        """da (B, n_out) is overwritten with dL/dz; writes dW (n_in, n_out) and db (n_out,), or ADDS
+        them to the gradient buffer (accumulate: a later micro-batch).
 
-        Returns dx (B, n_in) when need_dx, else None (the first layer needs no input gradient).
+        Returns dx (B, n_in) when need_dx (into dx_out if given), else None (the first layer needs no
+        input gradient). A COLUMN block's dx is a partial sum over its output columns: summed over tp.
         """
-        K.bias_act_backward(da, a, self.act, self.db)
-        np.matmul(x.T, da, out=self.dW)
-        return np.matmul(da, self.W.T) if need_dx else None
+        if not accumulate:
+            K.bias_act_backward(da, a, self.act, self.db)
+            np.matmul(x.T, da, out=self.dW)
+        else:
+            if self._dW is None:
+                self._dW, self._db = np.empty_like(self.dW), np.empty_like(self.db)
+            K.bias_act_backward(da, a, self.act, self._db)
+            np.matmul(x.T, da, out=self._dW)
+            self.dW += self._dW
+            self.db += self._db
+        if not need_dx:
+            return None
+        dx = np.matmul(da, self.W.T, out=dx_out)
+        if self.split == COLUMN:
+            tp_sum(dx)
+        return dx

@@ -7,27 +7,30 @@
 
 `step` updates params and state in place and never writes grads. `opt.hp` holds the resolved
 hyperparameters (a frozen dataclass: every default filled in); `DEFAULTS[name]` lists the defaults
-(torch.optim's wherever torch has the optimizer). Clipping: `optim.clip`; schedules: `optim.schedules`.
+(torch.optim's wherever torch has the optimizer). `base_lr(cfg)` is the resolved lr without building
+anything (the schedule starts from it). Clipping: `optim.clip`; schedules: `optim.schedules`; the one
+update path that calls both: `parallel.update`.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from .adadelta import Adadelta
-from .adagrad import Adagrad
-from .adam import Adam, Adamax, NAdam
+from ..names import OPTIMIZERS
 from .base import HP_FIELDS, Optimizer
-from .lars import LAMB, LARS
-from .rmsprop import RMSprop
-from .sgd import SGD
 
-__all__ = ["build", "Optimizer", "REGISTRY", "DEFAULTS", "STATE_NAMES", "HP_FIELDS", "state_names"]
+__all__ = ["build", "Optimizer", "REGISTRY", "DEFAULTS", "STATE_NAMES", "HP_FIELDS", "state_names", "base_lr"]
 
-# name -> optimizer class; the order is the docs' and the benchmark's.
-REGISTRY: dict[str, type[Optimizer]] = {}
-for _cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, Adamax, NAdam, LARS, LAMB):
-    for _name in _cls.defaults:
-        REGISTRY[_name] = _cls
+
+def _load(path: str) -> type[Optimizer]:
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+# name -> optimizer class, from names.OPTIMIZERS (its order is the docs' and the benchmark's); each class
+# declares the names it implements in `defaults`.
+REGISTRY: dict[str, type[Optimizer]] = {name: _load(path) for name, path in OPTIMIZERS.items()}
+assert all(name in cls.defaults for name, cls in REGISTRY.items()), "names.OPTIMIZERS and the classes disagree"
 
 # name -> {hyperparameter: default}.
 DEFAULTS: dict[str, dict[str, Any]] = {name: dict(cls.defaults[name]) for name, cls in REGISTRY.items()}
@@ -53,6 +56,11 @@ def build(cfg, segments: list[tuple[int, int]], device: str = "cpu", *, source: 
     if cfg.name not in REGISTRY:
         raise ConfigError(f"{source}: optimizer.name must be one of {', '.join(REGISTRY)} (got {cfg.name!r})")
     return REGISTRY[cfg.name].from_config(cfg.name, cfg, segments, device, source)
+
+
+def base_lr(cfg) -> float:
+    """The lr the schedule starts from: optimizer.lr, or the optimizer's default (DEFAULTS)."""
+    return float(cfg.lr if cfg.lr is not None else DEFAULTS[cfg.name]["lr"])
 
 
 def state_names(opt: Optimizer) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Gradient clipping and non-finite detection over the flat gradient buffer (after the dp all-reduce).
 
-    norm, finite = clip_and_check(grads, cfg.clip_norm, cfg.clip_value, allreduce_sum)
-    if not finite: skip the step (on_nonfinite = "skip") or raise NonFiniteError ("stop")
+`clip_and_check` is called from ONE place, the update path of every layout (parallel/update.py), which
+then skips the optimizer step when the norm is not finite (the Trainer applies optimizer.on_nonfinite).
 
 One parallel read pass computes the squared norm (float64; inf/nan when any element is non-finite), and,
 when clipping is on and the gradients are finite, one write pass clamps and scales them in place:

@@ -1,43 +1,125 @@
 """Parallel strategies: how one global step's gradients and parameters move between ranks.
 
-`parallel.strategy` names one; `build` makes it. A strategy module is imported only when chosen.
+`parallel.strategy` names one (names.STRATEGIES); `build` checks the layout rules once
+(config.validate_layout) and composes the strategy from parts (strategy.py):
+
+    strategy    partition                executor             exchange                    update over
+    data        whole model              Sequential (1)       BucketedExchange + codec    the replica
+    data+zero   whole model              Sequential (1)       BucketedExchange + R-S      this rank's shard
+    tensor      tp blocks                Sequential (M)       BucketedExchange            the partition
+    pipeline    a stage                  PipelineExecutor     BucketedExchange            the partition
+    hybrid      a stage of tp blocks     PipelineExecutor     BucketedExchange            the partition
+    local_sgd   whole model              Sequential (mean)    Averaging                   the replica
+    async       whole model              Sequential (mean)    (its own server protocol)   server: all
 """
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from .. import config, names
+from ..config import JobConfig
 
-# parallel.strategy -> "module:Class"
-STRATEGIES = {
-    "data": "hpcopt.parallel.data:data_parallel",
-    "local_sgd": "hpcopt.parallel.local_sgd:LocalSGD",
-    "async": "hpcopt.parallel.async_ps:AsyncParameterServer",
-    "pipeline": "hpcopt.parallel.pipeline:PipelineParallel",
-    "tensor": "hpcopt.parallel.tensor:TensorParallel",
-    "hybrid": "hpcopt.parallel.pipeline:Hybrid",
-}
+if TYPE_CHECKING:  # the package imports no MPI, numpy or numba until a strategy is built
+    from ..comm import Grid
 
 
-def build(cfg, grid, global_batch: int):
-    """The strategy of cfg.parallel.strategy for this grid. Raises ConfigError for what is not built."""
-    name = cfg.parallel.strategy
-    if name not in STRATEGIES:
-        raise ConfigError(f"{cfg.source}: parallel.strategy = \"{name}\" is not available "
-                          f"(available: {', '.join(STRATEGIES)})")
-    if name not in ("pipeline", "tensor", "hybrid") and (grid.pp > 1 or grid.tp > 1):
-        raise ConfigError(f"{cfg.source}: parallel.pp/tp > 1 need parallel.strategy = \"pipeline\", "
-                          f"\"tensor\" or \"hybrid\"")
-    if name == "pipeline" and grid.tp > 1:
-        raise ConfigError(f"{cfg.source}: parallel.tp = {grid.tp} needs parallel.strategy = \"tensor\" or "
-                          f"\"hybrid\" (\"pipeline\" splits only into parallel.pp stages)")
-    if name == "tensor" and grid.pp > 1:
-        raise ConfigError(f"{cfg.source}: parallel.pp = {grid.pp} needs parallel.strategy = \"pipeline\" or "
-                          f"\"hybrid\" (\"tensor\" splits only over parallel.tp)")
-    if cfg.parallel.compression != "none" and name in ("pipeline", "tensor", "hybrid"):
-        raise ConfigError(f"{cfg.source}: parallel.compression = \"{cfg.parallel.compression}\" applies to "
-                          f"parallel.strategy = \"data\" (pipeline, tensor and hybrid send float32)")
-    if cfg.parallel.zero and name != "data":
-        raise ConfigError(f"{cfg.source}: parallel.zero = 1 applies to parallel.strategy = \"data\" only")
-    module, cls = STRATEGIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, grid, global_batch)
+def build(cfg: JobConfig, grid: "Grid", global_batch: int):
+    """The strategy of cfg.parallel.strategy for this grid. Raises ConfigError (from the rule tables)
+    for a layout that cannot run; allocates buffers but does not communicate (it runs in comm.agree)."""
+    config.validate_layout(cfg, grid.dp, grid.pp, grid.tp, global_batch)
+    return COMPOSE[cfg.parallel.strategy](cfg, grid, global_batch)
+
+
+def _update(cfg: JobConfig, params, grads, segments, **kw):
+    from .update import Update
+
+    return Update(cfg.optimizer, params, grads, segments, device=cfg.backend.device, source=cfg.source, **kw)
+
+
+def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
+    """data: each dp rank a whole replica; gradients summed by buckets (optionally compressed), or
+    reduce-scattered into ZeRO-1 shards."""
+    from . import compress
+    from .data import BucketedExchange
+    from .partition import Partition
+    from .strategy import Sequential, Strategy
+
+    p, comm = cfg.parallel, grid.dp_comm
+    part = Partition(cfg, grid, 0, len(cfg.model.layers) - 1)
+    f = part.flat
+    executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
+    layer_names = [layer.name for layer in part.stage.layers]
+    if p.zero:
+        from .zero import ReduceScatter, Shard
+
+        shard = Shard(f, comm)
+        update = _update(cfg, shard.params, shard.grad, shard.segments(), norm_comms=(comm,))
+        exchange = BucketedExchange(f, comm, layer_names, 0, p.bucket_mb, p.overlap,
+                                    lambda buckets: ReduceScatter(shard, buckets))
+        return Strategy("data", part, executor, exchange, update, state_blocks=shard.blocks())
+    codec = p.compression if comm.Get_size() > 1 else "none"
+    exchange = BucketedExchange(f, comm, layer_names, 0, p.bucket_mb, p.overlap, lambda buckets: compress.build(
+        codec, comm, [b.size for b in buckets], p.topk_density, f.dtype))
+    return Strategy("data", part, executor, exchange, _update(cfg, f.data, f.grad, f.segments()))
+
+
+def _model_parallel(cfg: JobConfig, grid: "Grid", global_batch: int):
+    """pipeline, tensor, hybrid: this rank's stage of tp blocks, its dp replicas summed by buckets, the
+    norm summed over tp and pp with replicated tensors counted once."""
+    from . import compress
+    from .data import BucketedExchange
+    from .partition import Partition
+    from .pipeline import PipelineExecutor, stage_bounds
+    from .strategy import Sequential, Strategy
+
+    p, name = cfg.parallel, cfg.parallel.strategy
+    bounds = stage_bounds(cfg, grid.pp) if name != "tensor" else [(0, len(cfg.model.layers) - 1)]
+    lo, hi = bounds[grid.pp_rank]
+    part = Partition(cfg, grid, lo, hi, bounds)
+    f = part.flat
+    micro_batch = global_batch // grid.dp // p.micro_batches
+    if name == "tensor":
+        executor = Sequential(part, p.micro_batches, micro_batch, global_batch)
+    else:
+        executor = PipelineExecutor(part, grid.pp_comm, p.schedule, p.micro_batches, micro_batch, global_batch)
+    exchange = BucketedExchange(f, grid.dp_comm, [layer.name for layer in part.stage.layers], lo, p.bucket_mb,
+                                p.overlap, lambda buckets: compress.build(
+                                    "none", grid.dp_comm, [b.size for b in buckets], dtype=f.dtype))
+    update = _update(cfg, f.data, f.grad, f.segments(), norm_comms=part.norm_comms(),
+                     not_counted=part.not_counted())
+    return Strategy(name, part, executor, exchange, update)
+
+
+def _local_sgd(cfg: JobConfig, grid: "Grid", global_batch: int):
+    from ..nn.stage import Stage
+    from .local_sgd import Averaging
+    from .partition import Partition
+    from .strategy import Sequential, Strategy
+
+    m, p, comm = cfg.model, cfg.parallel, grid.dp_comm
+    part = Partition(cfg, grid, 0, len(m.layers) - 1)
+    f, local_batch = part.flat, global_batch // grid.dp
+    update = _update(cfg, f.data, f.grad, f.segments(), agree_comm=comm)
+    exchange = Averaging(f, comm, p.average_every, p.average_optimizer_state, lambda: update.state,
+                         lambda: Stage(m.layers, 0, len(m.layers) - 1, m.activation, m.loss, m.dtype,
+                                       cfg.run.seed, m.init))
+    return Strategy("local_sgd", part, Sequential(part, 1, local_batch, local_batch), exchange, update)
+
+
+def _async(cfg: JobConfig, grid: "Grid", global_batch: int):
+    from .async_ps import SERVER, AsyncParameterServer
+    from .partition import Partition
+    from .strategy import Sequential
+
+    comm = grid.dp_comm
+    part = Partition(cfg, grid, 0, len(cfg.model.layers) - 1)
+    f, local_batch = part.flat, global_batch // grid.dp
+    update = _update(cfg, f.data, f.grad, f.segments(), keeps_state=comm.Get_rank() == SERVER)
+    return AsyncParameterServer(part, Sequential(part, 1, local_batch, local_batch), update, comm,
+                                cfg.parallel.max_staleness)
+
+
+# parallel.strategy -> how it is composed (the names and their descriptions: names.STRATEGIES)
+COMPOSE = {"data": _replicas, "pipeline": _model_parallel, "tensor": _model_parallel, "hybrid": _model_parallel,
+           "local_sgd": _local_sgd, "async": _async}
+assert set(COMPOSE) == set(names.STRATEGIES), "names.STRATEGIES lists what parallel.build composes"

@@ -33,10 +33,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from .. import checkpoint
-from ..errors import ConfigError
-from ..optim.clip import clip_and_check
-from .base import StepResult, Strategy
+from .strategy import Exchange, StepResult, Strategy
 
 SERVER = 0
 GRAD, PARAMS = 501, 502   # message tags: worker -> server gradient, server -> worker parameters
@@ -44,28 +41,22 @@ HEADER_BYTES = 16         # int64 [version, finite] after the n values
 
 
 class AsyncParameterServer(Strategy):
-    name = "async"
+    """A strategy of its own policy: the server applies many updates per step, a worker none. Composed
+    like the others (a whole-model partition, a Sequential executor on the MEAN gradient of this rank's
+    slice, the one update path: `clip` on every rank, `step_with` on the server); its step is its own."""
 
-    def __init__(self, cfg, grid, global_batch: int):
-        src = cfg.source
-        if cfg.backend.device != "cpu":
-            raise ConfigError(f"{src}: parallel.strategy = \"async\" runs the optimizer on the host "
-                              f"(backend.device = \"cpu\")")
-        if cfg.optimizer.on_nonfinite == "stop":
-            raise ConfigError(f"{src}: parallel.strategy = \"async\" drops non-finite gradients on the server; "
-                              f"optimizer.on_nonfinite = \"stop\" is not available with it")
-        if cfg.parallel.compression != "none":
-            raise ConfigError(f"{src}: parallel.compression applies to parallel.strategy = \"data\"")
-        super().__init__(cfg, grid, global_batch)
-        self.comm = grid.dp_comm
-        self.N, rank = self.comm.Get_size(), self.comm.Get_rank()
+    def __init__(self, partition, executor, update, comm: MPI.Comm, max_staleness: int):
+        super().__init__("async", partition, executor, Exchange(), update)
+        self.comm = comm
+        self.N, rank = comm.Get_size(), comm.Get_rank()
         self.is_server = rank == SERVER
-        self.local_batch = global_batch // grid.dp
-        self.max_staleness = cfg.parallel.max_staleness
+        # the server alone holds the optimizer state and writes the checkpoint (every rank loads it)
+        self.param_blocks = partition.blocks(replicas=1, replica=0, writer=self.is_server)
+        self.state_blocks = self.param_blocks
+        self.max_staleness = max_staleness
         n, item = self.flat.size, self.dtype.itemsize
         self.n, self.width = n, n + HEADER_BYTES // item     # buffer: n values, then the header
         self.version = 0                                     # see the module docstring
-        self.state_names = sorted(self.opt_state)
         new = lambda: np.zeros(self.width, dtype=self.dtype)  # noqa: E731
         self.eval_buf = new()
         self.logged_bytes = self.logged_steps = 0
@@ -77,7 +68,6 @@ class AsyncParameterServer(Strategy):
             self.send_reqs = [MPI.REQUEST_NULL for _ in self.workers]
             self.stale_sum = self.stale_max = self.stale_count = self.dropped = 0
         else:
-            self.opt_state = {}                                # the server holds the optimizer state
             slots = self.max_staleness + 1
             self.send_buf = [new() for _ in range(slots)]
             self.recv_buf = [new() for _ in range(slots)]
@@ -90,7 +80,8 @@ class AsyncParameterServer(Strategy):
         return buf[self.n:].view(np.int64)
 
     # -- server ------------------------------------------------------------------------------------
-    def apply(self, grad: np.ndarray, version_used: int, finite: bool, lr: float) -> None:
+    def apply(self, grad: np.ndarray | None, version_used: int, finite: bool, lr: float) -> None:
+        """One update with a (clipped) gradient: the server's own (None) or a worker's."""
         if not finite:
             self.dropped += 1
             return
@@ -98,16 +89,15 @@ class AsyncParameterServer(Strategy):
         self.stale_sum, self.stale_max, self.stale_count = (self.stale_sum + stale, max(self.stale_max, stale),
                                                             self.stale_count + 1)
         self.version += 1
-        self.opt.step(self.flat.data, grad, self.opt_state, self.version, lr)
+        self.update.step_with(grad, self.version, lr)
 
     def serve_step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
         comm, n = self.comm, self.n
         for i, w in enumerate(self.workers):  # this step's push of every worker, whenever it comes
             self.recv_reqs[i] = comm.Irecv(self.grad_in[i], source=w, tag=GRAD)
-        loss_sum = self.model.loss_and_grad(x, labels, self.local_batch)
-        o = self.cfg.optimizer
-        norm, finite = clip_and_check(self.flat.grad, o.clip_norm, o.clip_value)
-        self.apply(self.flat.grad, self.version, finite, lr)
+        loss_sum = self.executor.run(x, labels)
+        norm, finite = self.update.clip()
+        self.apply(None, self.version, finite, lr)
         for _ in self.workers:
             i = MPI.Request.Waitany(self.recv_reqs)
             version_used, ok = self.header(self.grad_in[i])
@@ -142,9 +132,8 @@ class AsyncParameterServer(Strategy):
 
     def work_step(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
         self.take_replies(keep=self.max_staleness)
-        loss_sum = self.model.loss_and_grad(x, labels, self.local_batch)  # this slice's MEAN gradient
-        o = self.cfg.optimizer
-        norm, finite = clip_and_check(self.flat.grad, o.clip_norm, o.clip_value)
+        loss_sum = self.executor.run(x, labels)  # this slice's MEAN gradient
+        norm, finite = self.update.clip()
         slot = self.pushes % len(self.send_buf)  # push (pushes - slots) used it; its reply has come
         self.send_reqs[slot].Wait()
         buf = self.send_buf[slot]
@@ -177,20 +166,12 @@ class AsyncParameterServer(Strategy):
         if not self.is_server:
             self.adopt(self.eval_buf)
 
-    def checkpoint_pieces(self) -> list[checkpoint.Piece]:
+    def checkpoint_pieces(self):
         """The server writes every row of every dataset (it alone holds the optimizer state)."""
         self.drain()
-        f = self.flat
-        state = self.opt_state if self.is_server else {s: None for s in self.state_names}
-        pieces = []
-        for prefix, buf in [("params", f.data)] + [(f"optim/{s}", state[s]) for s in self.state_names]:
-            for k in f.keys():
-                shape = f.spec(k).shape
-                rows = f.view_of(buf, k) if self.is_server else np.zeros((0,) + shape[1:], self.dtype)
-                pieces.append(checkpoint.Piece(f"{prefix}/{k.replace('.', '/')}", shape, rows, 0))
-        return pieces
+        return super().checkpoint_pieces()
 
-    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
+    def restore(self, path: str, ckpt) -> list[str]:
         notes = super().restore(path, ckpt)
         steps = int(ckpt.attrs.get("opt_steps", ckpt.attrs["step"]))
         writer_ranks = int(np.prod(ckpt.attrs.get("world", [1])))

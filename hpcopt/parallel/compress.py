@@ -28,7 +28,7 @@ import numpy as np
 from mpi4py import MPI
 from numba import njit
 
-CODECS = ("none", "fp16", "bf16", "topk")
+from ..names import CODECS  # noqa: F401  (parallel.compression's values, one list)
 
 _K = dict(cache=True, error_model="numpy")
 

@@ -54,8 +54,8 @@ def faulty_fill(f, pieces, checksums, attrs):
         f.attrs[k] = v
     for i, (p, c) in enumerate(zip(pieces, checksums)):
         ds = f.create_dataset(p.name, shape=p.shape, dtype=p.data.dtype, fill_time="never")
-        if len(p.data):
-            ds[p.row_start:p.row_start + len(p.data)] = p.data
+        if p.data.size:
+            ds[p.index] = p.data
         if i == half:
             f.flush()
             if rank == 0:

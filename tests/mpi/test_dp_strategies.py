@@ -85,7 +85,7 @@ from hpcopt import comm, config, parallel
 cfg = config.load(sys.argv[1], sys.argv[2:])
 grid = comm.make_grid(MPI.COMM_WORLD, cfg.parallel.dp, 1, 1, cfg.source)
 s = parallel.build(cfg, grid, 64)
-sizes = MPI.COMM_WORLD.gather({k: a.size for k, a in s.opt_state.items()})
+sizes = MPI.COMM_WORLD.gather({k: a.size for k, a in s.update.state.items()})
 if grid.rank == 0:
     print("SIZES", repr(sizes), s.flat.size, max(sp.size // sp.shape[0] for sp in s.flat.specs))
 """

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcopt import config
+from hpcopt import cli, config
 from hpcopt.comm import Grid
 from hpcopt.errors import ConfigError
 from hpcopt.nn import MLP
 from hpcopt.nn.stage import COLUMN, FULL, ROW, Stage
 from hpcopt.parallel import build
-from hpcopt.parallel.pipeline import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP,
-                                      build_schedule, buffer_slots, layer_costs, main, partition,
-                                      peak_activations, simulate, slots_are_safe, theoretical_bubble)
+from hpcopt.parallel.pipeline import layer_costs, partition
+from hpcopt.parallel.schedule import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP,
+                                      build_schedule, buffer_slots, peak_activations, simulate,
+                                      slots_are_safe, theoretical_bubble)
 from hpcopt.parallel.tensor import layer_splits
 
 GRID = [(P, M) for P in (1, 2, 3, 4, 5) for M in (1, 2, 3, 4, 7, 8, 16)]
@@ -65,7 +66,7 @@ def test_a_broken_schedule_is_caught():
 
 
 def test_dry_run_prints_the_table(capsys):
-    assert main(["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b"]) == 0
+    assert cli.main(["schedule", "--pp", "4", "--micro-batches", "8", "--schedule", "1f1b"]) == 0
     out = capsys.readouterr().out
     assert "theoretical bubble (P-1)/(M+P-1) = 0.273" in out
     assert "stage 0: F0 sA0 rG0 F1" in out and out.count("stage 3 ") == 1
@@ -194,6 +195,6 @@ def test_stage_layers_cut_where_told():
     cfg = config.load(None, ["model.layers=[64, 64, 64, 64, 10]", "parallel.strategy=pipeline",
                              "parallel.pp=2", "parallel.stage_layers=[1, 3]"])
     s = build(cfg, fake_grid(pp=2), 64)
-    assert s.bounds == [(0, 1), (1, 4)] and [l.name for l in s.stage.layers] == ["dense0"]
+    assert s.partition.bounds == [(0, 1), (1, 4)] and [l.name for l in s.stage.layers] == ["dense0"]
     cfg = config.load(None, ["model.layers=[64, 64, 64, 64, 10]", "parallel.strategy=pipeline", "parallel.pp=2"])
-    assert build(cfg, fake_grid(pp=2), 64).bounds == [(0, 2), (2, 4)]
+    assert build(cfg, fake_grid(pp=2), 64).partition.bounds == [(0, 2), (2, 4)]

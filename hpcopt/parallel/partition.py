@@ -1,0 +1,83 @@
+"""The model partition of one rank: which layers it holds (a pipeline stage, or all of them), how each
+is split over tp (tensor.py), and where every tensor it holds sits in the GLOBAL model, for the
+update's norm (tensors every tp rank holds alike are counted once) and for checkpoints (one layout
+function, checkpoint.piece / checkpoint.restore_block).
+
+    replicas: the dp ranks of this partition hold the same tensors; so do the tp ranks for a FULL
+    layer or a ROW layer's bias. A checkpoint block held by R ranks is written by all R, a share of
+    its rows each: every byte of the global arrays is written once.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import checkpoint
+from ..comm import Grid
+from ..config import JobConfig
+from ..nn.stage import Stage
+from .tensor import layer_splits
+
+
+def global_specs(widths: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, global shape) of every tensor of the whole model, in the unsplit model's buffer order:
+    the datasets of a checkpoint, listed alike by every rank."""
+    out = []
+    for i in reversed(range(len(widths) - 1)):
+        out += [(f"dense{i}.weight", (widths[i], widths[i + 1])), (f"dense{i}.bias", (widths[i + 1],))]
+    return out
+
+
+class Partition:
+    """Layers [lo, hi) of the model on this rank, split over tp_comm, replicated over dp_comm."""
+
+    def __init__(self, cfg: JobConfig, grid: Grid, lo: int, hi: int, bounds: list[tuple[int, int]] | None = None):
+        m = cfg.model
+        self.grid = grid
+        self.bounds = bounds or [(lo, hi)]   # every stage's [lo, hi) (one stage unless a pipeline)
+        self.splits = layer_splits(len(m.layers) - 1, grid.tp)
+        self.stage = Stage(m.layers, lo, hi, m.activation, m.loss, m.dtype, cfg.run.seed, m.init,
+                           self.splits, grid.tp, grid.tp_rank)
+        self.flat = self.stage.flat
+        self.global_specs = global_specs(m.layers)
+        self.reports_loss = self.stage.is_last and grid.tp_rank == 0  # one rank per dp replica
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.flat.dtype
+
+    def tp_sum(self, a: np.ndarray) -> None:
+        """a := the sum of a over the tp ranks (in place); nothing when tp = 1."""
+        if self.grid.tp > 1:
+            self.grid.tp_comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+
+    def norm_comms(self) -> tuple[MPI.Comm, ...]:
+        """Where the squared gradient norm of this partition is summed into the model's."""
+        return (self.grid.tp_comm, self.grid.pp_comm)
+
+    def not_counted(self) -> list[tuple[int, int]]:
+        """(offset, length) of the tensors this rank holds but tp rank 0 counts in the norm."""
+        if self.grid.tp == 1 or self.grid.tp_rank == 0:
+            return []
+        f = self.flat
+        return [(f.offsets[k], f.spec(k).size) for k in f.keys()
+                if self.stage.layer(k).replicated_over_tp(k.split(".")[1])]
+
+    def blocks(self, replicas: int | None = None, replica: int | None = None,
+               writer: bool = True) -> dict[str, checkpoint.Block]:
+        """key -> where the tensor sits in the global model and in this rank's flat buffer, with the
+        ranks that hold the same block (dp replicas, and tp ranks for replicated tensors).
+        replicas/replica/writer: override the dp part (a parameter server: the server alone writes)."""
+        g, f = self.grid, self.flat
+        dp, dp_rank = (g.dp, g.dp_rank) if replicas is None else (replicas, replica)
+        out = {}
+        for k in f.keys():
+            layer, which = self.stage.layer(k), k.split(".")[1]
+            r, i = (dp * g.tp, dp_rank * g.tp + g.tp_rank) if layer.replicated_over_tp(which) else (dp, dp_rank)
+            off = f.offsets[k]
+            out[k] = checkpoint.Block(k, layer.block(which), off, off + f.spec(k).size, r, i, writer)
+        return out
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        layer = self.stage.layer(key)
+        return layer.global_shape(key.split(".")[1])

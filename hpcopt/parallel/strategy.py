@@ -1,0 +1,174 @@
+"""A parallel strategy, COMPOSED of parts (DESIGN §1); parallel/__init__.py picks the parts per name.
+
+    partition  this rank's part of the model: a Stage over one flat buffer (partition.py)
+    executor   one step's forwards and backwards on it: `Sequential` micro-batches (here), or a
+               pipeline schedule with the neighbouring stages (pipeline.py)
+    exchange   how gradients meet: bucketed Allreduce or ZeRO's reduce-scatter (data.py, zero.py),
+               periodic averaging (local_sgd.py), or nothing
+    update     clip -> non-finite check -> optimizer step over the views the layout names (update.py)
+
+    step:  hook = exchange.layer_done_hook() -> loss = executor.run(x, labels, hook)
+           -> exchange.reduce() -> norm, applied = update.apply(t, lr) -> exchange.after_update(t, applied)
+
+The Trainer owns the loop, data, metrics, evaluation bookkeeping, signals and when to checkpoint; it
+calls only the methods below, on every rank, in the same order:
+    step(x, labels, t, lr) -> StepResult   x, labels: this rank's dp slice of the global batch;
+                                           t: 1-based index of the update if applied; lr: after schedule
+    prepare_evaluate()                     collective, before each evaluation
+    evaluate(x, labels) -> (loss_sum, n_correct)   contributions that SUM over the world to the totals
+    checkpoint_pieces() -> [checkpoint.Piece]      this rank's share of every global dataset
+    restore(path, ckpt) -> notes                   global arrays -> this rank's buffers and state
+    extra_metrics() -> dict                        at each logged step, merged into rank 0's record
+`StepResult.loss_sum` is likewise this rank's contribution: summed over the world it is the global
+batch's loss sum (a pipeline's last stage reports it, other stages 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import checkpoint
+from ..errors import DataError
+
+
+@dataclass
+class StepResult:
+    loss_sum: float     # this rank's contribution to the global batch's loss sum
+    grad_norm: float    # global gradient L2 norm before clipping (inf/nan if non-finite)
+    applied: bool       # False: non-finite gradient, update skipped on every rank
+
+
+class Exchange:
+    """No exchange (each rank's gradient is the update's): the hooks every exchange has, doing nothing."""
+
+    def layer_done_hook(self):
+        """Called before each step's backward: what backward calls as each layer finishes, or None."""
+        return None
+
+    def reduce(self) -> None:
+        """After backward: make the gradient the update needs."""
+
+    def after_update(self, t: int, applied: bool) -> None:
+        """After the update (applied or skipped on every rank)."""
+
+    def prepare_evaluate(self):
+        """Collective, before an evaluation: the Stage to evaluate instead of this rank's own, or None."""
+        return None
+
+    def before_checkpoint(self) -> None:
+        """Collective, before the checkpoint pieces are taken."""
+
+    def after_restore(self) -> None:
+        """A checkpoint was loaded into the buffers."""
+
+    def extra_metrics(self) -> dict:
+        return {}
+
+
+class Sequential:
+    """Micro-batches one after another on this rank's partition (gradient accumulation; one for data
+    parallel). scale: the loss gradient's 1 / scale (the global batch, or the local batch when each
+    rank steps on the MEAN gradient of its own slice)."""
+
+    def __init__(self, partition, micro_batches: int, micro_batch: int, scale: int):
+        self.partition, self.stage = partition, partition.stage
+        self.micro_batches, self.micro_batch, self.scale = micro_batches, micro_batch, scale
+
+    def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None) -> float:
+        st, tp_sum, mb = self.stage, self.partition.tp_sum, self.micro_batch
+        x = np.ascontiguousarray(x, dtype=st.dtype)
+        loss_sum = 0.0
+        for k in range(self.micro_batches):
+            rows = slice(k * mb, (k + 1) * mb)
+            acts = st.forward(x[rows], tp_sum=tp_sum)                 # [x (mb, n0), ..., out (mb, nL)]
+            dout = np.empty_like(acts[-1])
+            loss_sum += st.loss(acts[-1], labels[rows], self.scale, dout)
+            last = k == self.micro_batches - 1  # the backward that leaves the gradients final
+            st.backward(acts, dout, need_dx=False, accumulate=k > 0, tp_sum=tp_sum,
+                        on_layer_done=on_layer_done if last else None)
+        return loss_sum if self.partition.reports_loss else 0.0
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> tuple[float, int]:
+        st = stage or self.stage
+        out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), tp_sum=self.partition.tp_sum)[-1]
+        loss_sum, correct = st.score(out, labels)
+        return (loss_sum, correct) if self.partition.reports_loss else (0.0, 0)
+
+    def extra_metrics(self) -> dict:
+        return {}
+
+
+class Strategy:
+    """partition + executor + exchange + update; `state_blocks`: where the update's state arrays sit in
+    the global tensors (default: like the parameters; a ZeRO shard: its rows)."""
+
+    def __init__(self, name: str, partition, executor, exchange: Exchange, update,
+                 state_blocks: dict[str, checkpoint.Block] | None = None):
+        self.name, self.partition, self.executor, self.exchange, self.update = (
+            name, partition, executor, exchange, update)
+        self.flat = partition.flat
+        self.stage = partition.stage
+        self.param_blocks = partition.blocks()
+        self.state_blocks = state_blocks if state_blocks is not None else self.param_blocks
+        self.eval_stage = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.flat.dtype
+
+    # -- one step --------------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
+        hook = self.exchange.layer_done_hook()
+        loss_sum = self.executor.run(x, labels, hook)
+        self.exchange.reduce()
+        norm, applied = self.update.apply(t, lr)
+        self.exchange.after_update(t, applied)
+        return StepResult(loss_sum, norm, applied)
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def prepare_evaluate(self) -> None:
+        self.eval_stage = self.exchange.prepare_evaluate()
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        return self.executor.evaluate(x, labels, self.eval_stage)
+
+    def extra_metrics(self) -> dict:
+        """Strategy-specific figures for the metrics record of a logged step (bytes sent per step,
+        pipeline waits, ...). Called on every rank at the same steps; rank 0's dict is logged."""
+        return dict(self.exchange.extra_metrics(), **self.executor.extra_metrics())
+
+    # -- checkpoints: every layout through checkpoint.piece / restore_block ---------------------------
+    def checkpoint_pieces(self) -> list[checkpoint.Piece]:
+        """This rank's share of every dataset of the whole model, in the same order on every rank."""
+        self.exchange.before_checkpoint()
+        host = self.update.host_state()
+        arrays = [("params", self.flat.data, self.param_blocks, self.dtype)]
+        arrays += [(f"optim/{s}", host.get(s), self.state_blocks if s in host else {}, np.float32)
+                   for s in self.update.state_names]
+        return [checkpoint.piece(prefix, key, shape, blocks.get(key), buf, dtype)
+                for prefix, buf, blocks, dtype in arrays for key, shape in self.partition.global_specs]
+
+    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
+        """Load this rank's blocks of the global arrays: any layout that wrote them loads here.
+        Returns notes for the user."""
+        same_optimizer = ckpt.attrs.get("optimizer") == self.update.name
+        blocks = self.partition.blocks()  # what this rank holds (a writer or not)
+        checkpoint.check_complete(path, ckpt, list(blocks), list(self.update.state) if same_optimizer else [])
+        for k, b in blocks.items():
+            shape = self.partition.global_shape(k)
+            if ckpt.params[k].shape != shape:
+                raise DataError(f"{path}: /{checkpoint.dataset_name('params', k)} has shape {ckpt.params[k].shape}, "
+                                f"the model needs {shape}")
+            checkpoint.restore_block(ckpt.params[k], b, self.flat.data)
+        self.update.params_changed()
+        self.exchange.after_restore()
+        if not same_optimizer:
+            return [f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
+                    f"{self.update.name}: it starts fresh"]
+        host = self.update.host_state()
+        for s, a in host.items():
+            for k, b in self.state_blocks.items():
+                checkpoint.restore_block(ckpt.optim[s][k], b, a)
+        self.update.load_state(host)
+        return []
