@@ -8,15 +8,18 @@
 
 All ranks write one file together through h5py's `mpio` driver, each rank only its rows of each
 dataset (data-parallel replicas split the rows, so every byte is written once). The file is written
-as `<name>.tmp`, closed, fsynced and renamed, and the directory fsynced: a file under its final name
-is always complete. Files hold global arrays, so a checkpoint loads into any layout. Where h5py has
-no MPI support the pieces are gathered to rank 0, which writes the same format serially.
+under an unpredictable hidden name (O_EXCL), closed, fsynced and renamed, then its manifest (the SHA-256
+of every chunk of its bytes, ckptfile.py) is written and renamed beside it: the commit point. A reader
+checks the bytes against the manifest BEFORE libhdf5 parses anything, and any failure to write is one
+line on every rank with the previous checkpoints intact. Files hold global arrays, so a checkpoint loads
+into any layout. Where h5py has no MPI support the pieces are gathered to rank 0, which writes the same
+format serially.
 """
 from __future__ import annotations
 
 import glob
 import os
-import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,30 +28,11 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__
+from . import __version__, ckptfile
+from .ckptfile import (FORMAT_VERSION, _read_layout, _read_rows, _short, checksum, file_name,  # noqa: F401
+                       fsync_dir, manifest_path, rows_of)
 from .errors import DataError
-from .kernels.cpu import CHECKSUM_MOD, checksum_parts
-
-FORMAT_VERSION = 1
-_NAME = re.compile(r"step_(\d{8})\.h5$")
-
-
-def file_name(step: int) -> str:
-    return f"step_{step:08d}.h5"
-
-
-def _words(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    if a.nbytes % 4:
-        raise ValueError(f"checkpoint arrays must be a whole number of 32-bit words (got {a.dtype})")
-    return a.reshape(-1).view(np.uint32)
-
-
-def checksum(a: np.ndarray, first_element: int = 0) -> np.ndarray:
-    """[s1, s2] of an array, or of a slice whose first element has global flat index first_element."""
-    words_per_element = max(1, a.dtype.itemsize // 4)
-    s1, s2 = checksum_parts(_words(a), first_element * words_per_element)
-    return np.array([s1, s2], dtype=np.uint64)
+from .kernels.cpu import CHECKSUM_MOD
 
 
 @dataclass
@@ -115,11 +99,6 @@ def restore_block(global_array: np.ndarray, block: Block, buf: np.ndarray) -> No
     buf[block.lo:block.hi] = global_array[block.index].reshape(-1)
 
 
-def rows_of(n_rows: int, rank: int, nranks: int) -> tuple[int, int]:
-    """The contiguous share [lo, hi) of n_rows that rank writes when nranks hold the same tensor."""
-    return n_rows * rank // nranks, n_rows * (rank + 1) // nranks
-
-
 def piece_checksum(p: Piece) -> np.ndarray:
     """The [s1, s2] part of p's dataset checksum that p's block contributes (zero if empty).
 
@@ -146,10 +125,13 @@ def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) 
     """All ranks of comm write one checkpoint file together, atomically. Returns seconds taken.
 
     Every rank passes the same dataset names in the same order (creation is collective), each with
-    the rows it owns. Checksums: each rank sums its rows' parts, one Allreduce completes them.
+    the rows it owns. Checksums: each rank sums its rows' parts, one Allreduce completes them. A failure
+    (a full disk, an unwritable directory) raises one DataError on every rank, leaves nothing under a
+    final name and the previous checkpoints as they were.
     """
     t0 = time.perf_counter()
-    tmp = path + ".tmp"
+    rank = comm.Get_rank()
+    tmp = comm.bcast(ckptfile.temp_name(path) if rank == 0 else None)
     attrs = dict(attrs, format_version=FORMAT_VERSION, hpcopt_version=__version__, written_at=time.time(),
                  checksum_algorithm="fletcher-position-31", datasets=[p.name for p in pieces])
     parts = np.zeros((len(pieces), 2), dtype=np.uint64)
@@ -158,30 +140,91 @@ def write_parallel(path: str, comm: MPI.Comm, pieces: list[Piece], attrs: dict) 
     totals = np.zeros_like(parts)
     comm.Allreduce(parts, totals, op=MPI.SUM)
     totals %= np.uint64(CHECKSUM_MOD)
-    if parallel_hdf5() and comm.Get_size() > 1:
-        f = h5py.File(tmp, "w", driver="mpio", comm=comm, libver="latest")
-        _fill(f, pieces, totals, attrs)
-    else:
-        if comm.Get_size() > 1:  # no parallel HDF5: gather every piece to rank 0
-            if comm.Get_rank() == 0:
-                print("hpcopt: warning: h5py has no MPI support; checkpoint gathered to rank 0 and "
-                      "written serially (see README: parallel HDF5)", file=sys.stderr, flush=True)
-            gathered = comm.gather(pieces, root=0)
+    failure = comm.bcast(_lacks_space(path, pieces, attrs) if rank == 0 else None)
+    if failure:  # refused before libhdf5 runs into the full disk (HDF5 1.10 may crash on ENOSPC)
+        _agree_written(comm, path, tmp, failure)
+    try:
+        if parallel_hdf5() and comm.Get_size() > 1:
+            _fill(h5py.File(tmp, "w-", driver="mpio", comm=comm, libver="latest"), pieces, totals, attrs)
         else:
-            gathered = [pieces]
-        if comm.Get_rank() == 0:
-            merged = [Piece(p.name, p.shape, np.empty(p.shape, p.data.dtype)) for p in pieces]
-            for rank_pieces in gathered:
-                for m, p in zip(merged, rank_pieces):
-                    m.data[p.index] = p.data
-            _fill(h5py.File(tmp, "w", libver="latest"), merged, totals, attrs)
-    if comm.Get_rank() == 0:
-        with open(tmp, "rb+") as fh:  # closed by HDF5; make it durable before it gets its final name
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    comm.Barrier()
+            if comm.Get_size() > 1:  # no parallel HDF5: gather every piece to rank 0
+                if rank == 0:
+                    print("hpcopt: warning: h5py has no MPI support; checkpoint gathered to rank 0 and "
+                          "written serially (see README: parallel HDF5)", file=sys.stderr, flush=True)
+                gathered = comm.gather(pieces, root=0)
+            else:
+                gathered = [pieces]
+            if rank == 0:
+                merged = [Piece(p.name, p.shape, np.empty(p.shape, p.data.dtype)) for p in pieces]
+                for rank_pieces in gathered:
+                    for m, p in zip(merged, rank_pieces):
+                        m.data[p.index] = p.data
+                _fill(h5py.File(tmp, "w-", libver="latest"), merged, totals, attrs)
+        if rank == 0:
+            with open(tmp, "rb+") as fh:  # closed by HDF5; make it durable before it gets its final name
+                os.fsync(fh.fileno())
+    except (OSError, RuntimeError, ValueError) as e:
+        failure = _io_reason(e)
+    _agree_written(comm, path, tmp, failure)
+    # the manifest: the ranks hash the file's chunks between them, rank 0 commits
+    size = comm.bcast(os.path.getsize(tmp) if rank == 0 else None)
+    mine = ckptfile.chunk_digests(tmp, range(rank, ckptfile.n_chunks(size), comm.Get_size()))
+    gathered = comm.gather(mine, root=0)
+    failure = None
+    if rank == 0:
+        digests = {i: d for part in gathered for i, d in part.items()}
+        try:
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+            ckptfile.write_new(manifest_path(path), ckptfile.manifest_bytes(
+                path, size, int(attrs["step"]), [digests[i] for i in range(len(digests))]))
+        except OSError as e:
+            failure = _io_reason(e)
+            if os.path.exists(path) and not os.path.exists(manifest_path(path)):
+                os.remove(path)  # uncommitted: nothing stays under a final name
+    _agree_written(comm, path, tmp, failure)
     return time.perf_counter() - t0
+
+
+def _lacks_space(path: str, pieces: list[Piece], attrs: dict) -> str | None:
+    """Whether the checkpoint's file system has room for it: its arrays' bytes, 4 KiB of HDF5 metadata
+    per dataset and the attributes, with 5% to spare. Quotas are not seen here (a write refused by one
+    still fails with its own message)."""
+    need = sum(int(np.prod(p.shape, dtype=np.int64)) * p.data.dtype.itemsize for p in pieces)
+    need = int(1.05 * (need + 4096 * len(pieces) + len(str(attrs)))) + (1 << 20)
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return f"no space left on the device: it needs {need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free"
+    return None
+
+
+def _io_reason(e: Exception) -> str:
+    """The operating system's words for a failed write (h5py buries errno inside a long message)."""
+    import errno as _errno
+    import re
+
+    code = getattr(e, "errno", None)
+    if not isinstance(code, int):
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code in (_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EACCES, _errno.EIO):
+        return os.strerror(code)
+    return _short(e)
+
+
+def _agree_written(comm: MPI.Comm, path: str, tmp: str, failure: str | None) -> None:
+    """Every rank learns whether any failed; on failure the temporary file goes and all raise alike."""
+    failures = [f for f in comm.allgather(failure) if f]
+    if failures:
+        if comm.Get_rank() == 0 and os.path.lexists(tmp):
+            os.remove(tmp)
+        err = DataError(f"{path}: cannot write the checkpoint ({failures[0]}); earlier checkpoints are intact")
+        err.all_ranks = True
+        raise err
 
 
 def _fill(f: h5py.File, pieces: list[Piece], checksums: np.ndarray, attrs: dict) -> None:
@@ -211,20 +254,6 @@ class Checkpoint:
             self.window = None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _datasets(f: h5py.File) -> list[str]:
-    names: list[str] = []
-    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-    return names
-
-
 def read(path: str, comm: MPI.Comm = MPI.COMM_SELF) -> Checkpoint:
     """Read and verify a checkpoint into global arrays on every rank of comm (collective).
 
@@ -236,7 +265,9 @@ def read(path: str, comm: MPI.Comm = MPI.COMM_SELF) -> Checkpoint:
     """
     from .comm import agree
 
+    manifest = verified_bytes(path, comm)  # before libhdf5 parses a byte of it
     attrs, datasets = agree(comm, _read_layout, path)
+    agree(comm, ckptfile.check_step, path, manifest, attrs)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     offsets, total = [], 0
     for _, shape, dtype, _ in datasets:
@@ -283,59 +314,55 @@ def read(path: str, comm: MPI.Comm = MPI.COMM_SELF) -> Checkpoint:
     return Checkpoint(params, optim, attrs, window)
 
 
-def _open(path: str) -> h5py.File:
+def verified_bytes(path: str, comm: MPI.Comm) -> dict | None:
+    """Collective: the file's bytes against its manifest, chunks hashed by the ranks in turn; a file
+    without a manifest (an earlier version's) is checked by a child process with a time limit. Returns
+    the manifest (None for an old file); DataError on every rank when anything does not match."""
+    from .comm import agree
+
+    rank, nranks = comm.Get_rank(), comm.Get_size()
+    m = agree(comm, ckptfile.read_manifest, path)
+    if m is None:
+        reason = comm.bcast(verify_in_child(path) if rank == 0 else None)
+        if reason:
+            err = DataError(reason)
+            err.all_ranks = True
+            raise err
+        return None
+    bad = sorted(i for part in comm.allgather(agree(comm, ckptfile.bad_chunks, path, m, rank, nranks)) for i in part)
+    if bad:
+        c = ckptfile.CHUNK_BYTES
+        err = DataError(f"{path}: bytes {bad[0] * c}..{min((bad[0] + 1) * c, m['size'])} differ from the "
+                        f"manifest's digest (corrupt)")
+        err.all_ranks = True
+        raise err
+    return m
+
+
+# the launcher's variables: a child that saw them would try to join the MPI job
+_LAUNCHER_ENV = ("OMPI_", "PMIX_", "PMI_", "PRTE_", "OPAL_", "HYDRA_", "MPI_LOCAL", "SLURM_STEP_", "SLURM_PROCID")
+
+
+def verify_in_child(path: str) -> str | None:
+    """Verify a checkpoint without a manifest in a child process (`python -m hpcopt.ckptfile`), so that a
+    file whose damaged metadata hangs or crashes libhdf5 costs the child, not the job. None if it
+    verifies, else the one-line reason."""
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such checkpoint")
+        return f"{path}: no such checkpoint"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    limit = 60 + os.path.getsize(path) / 50e6  # parsing and checksums at >= 50 MB/s, plus start-up
     try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({_short(e)})") from None
-
-
-def _read_layout(path: str):
-    """Root attributes and [(name, shape, dtype, stored checksum)] of every dataset; checks structure."""
-    with _open(path) as f:
-        try:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            for req in ("format_version", "step", "config", "world", "datasets"):
-                if req not in attrs:
-                    raise DataError(f"{path}: missing root attribute '{req}'")
-            if int(attrs["format_version"]) > FORMAT_VERSION:
-                raise DataError(f"{path}: format_version {attrs['format_version']} is newer than this "
-                                f"hpcopt reads ({FORMAT_VERSION})")
-            names = _datasets(f)
-            for name in attrs["datasets"]:  # the manifest: every dataset the writer wrote
-                if name not in names:
-                    raise DataError(f"{path}: missing dataset /{name}")
-            if not any(n.startswith("params/") for n in names):
-                raise DataError(f"{path}: no /params datasets")
-            out = []
-            for name in names:
-                ds = f[name]
-                if "checksum" not in ds.attrs:
-                    raise DataError(f"{path}: dataset /{name} has no checksum")
-                if ds.ndim == 0:
-                    raise DataError(f"{path}: dataset /{name} is a scalar, not an array")
-                out.append((name, ds.shape, ds.dtype, np.asarray(ds.attrs["checksum"], dtype=np.uint64)))
-            return attrs, out
-        except (OSError, KeyError, ValueError) as e:
-            raise DataError(f"{path}: corrupt checkpoint ({_short(e)})") from None
-
-
-def _read_rows(path: str, datasets, arrays, rank: int, nranks: int) -> np.ndarray:
-    """Read this rank's share of every dataset's rows into `arrays`; their checksum parts."""
-    parts = np.zeros((len(datasets), 2), np.uint64)
-    with _open(path) as f:
-        for i, ((name, shape, _, _), a) in enumerate(zip(datasets, arrays)):
-            lo, hi = rows_of(shape[0], rank, nranks)
-            if hi == lo:
-                continue
-            try:
-                f[name].read_direct(a, np.s_[lo:hi], np.s_[lo:hi])
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: dataset /{name} is unreadable ({_short(e)})") from None
-            parts[i] = checksum(a[lo:hi], lo * int(np.prod(shape[1:], dtype=np.int64)))
-    return parts
+        p = subprocess.run([sys.executable, "-m", "hpcopt.ckptfile", path], capture_output=True, text=True,
+                           timeout=limit, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"{path}: not verified within {limit:.0f} s (damaged HDF5 metadata?)"
+    if p.returncode == 0:
+        return None
+    lines = p.stderr.strip().splitlines()
+    if p.returncode == 3 and lines:
+        return lines[-1]
+    return f"{path}: the verifier crashed (exit {p.returncode}; damaged HDF5 metadata?)"
 
 
 def check_complete(path: str, ckpt: Checkpoint, param_keys: list[str], state_names: list[str]) -> None:
@@ -348,34 +375,23 @@ def check_complete(path: str, ckpt: Checkpoint, param_keys: list[str], state_nam
                 raise DataError(f"{path}: missing dataset /optim/{s}/{key.replace('.', '/')}")
 
 
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _short(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-
-
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the committed checkpoints of a run directory, oldest first."""
+    """(step, path) of the checkpoints of a run directory, oldest first (any number of step digits)."""
     out = []
     for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*.h5")):
-        m = _NAME.search(p)
+        m = ckptfile.NAME.search(p)
         if m:
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
 def prune(run_dir: str, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (called after a new one is committed)."""
+    """Remove all but the newest `keep` checkpoints (called after a new one is committed): the manifest
+    first, so a half-removed checkpoint is never taken for a committed one."""
     for _, p in list_checkpoints(run_dir)[:-keep]:
-        os.remove(p)
+        for f in (manifest_path(p), p):
+            if os.path.lexists(f):
+                os.remove(f)
 
 
 def export_npz(path: str, out: str) -> list[str]:

@@ -15,13 +15,18 @@ EXIT_RESUME = 75  # `train` checkpointed on SIGUSR1/SIGTERM and wants to be resu
 
 
 def _train(args) -> int:
+    from .signals import StopSignals
+
+    stop = StopSignals()
+    stop.install()  # before anything else: a signal during start-up is a checkpoint request, not a death
+
     from mpi4py import MPI
 
     from . import comm, config
 
     world = MPI.COMM_WORLD
     cfg = comm.agree(world, config.load, args.job, args.overrides)
-    threads = comm.threads_per_rank(cfg.backend.threads, comm.ranks_on_node(world))
+    threads, thread_source = comm.threads_per_rank(cfg.backend.threads, comm.ranks_on_node(world))
     comm.pin_threads(threads)
 
     import numba
@@ -33,12 +38,16 @@ def _train(args) -> int:
     comm.agree(world, comm.grid_shape, world.Get_size(), *shape, cfg.source)  # one message, not one per rank
     grid = comm.make_grid(world, *shape, cfg.source)
     out_dir = config.resolve_out_dir(cfg)
-    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force)
-    comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank, "
-                    f"{trainer.total_steps} steps of {trainer.global_batch} samples, "
-                    f"optimizer {cfg.optimizer.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
-    summary = trainer.fit()
-    comm.root_print(summary.line())
+    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force,
+                      signals=stop)
+    try:
+        comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank "
+                        f"({thread_source}), {trainer.total_steps} steps of {trainer.global_batch} samples, "
+                        f"optimizer {cfg.optimizer.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
+        summary = trainer.fit()
+        comm.root_print(summary.line())
+    finally:
+        trainer.release()
     return EXIT_RESUME if summary.stopped_by else 0
 
 

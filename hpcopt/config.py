@@ -36,10 +36,10 @@ def opt(default: Any, *, gt: float | None = None, ge: float | None = None, le: f
 @dataclass
 class RunConfig:
     name: str = opt("run", doc="run name; the default out_dir is runs/<name>")
-    seed: int = opt(0, ge=0, doc="keys the init and the data order (counter-based: any rank count, same run)")
+    seed: int = opt(0, ge=0, le=2**63 - 1, doc="keys the init and the data order (counter-based: any rank count, same run)")
     out_dir: str = opt("", doc="run directory; empty: runs/<name> (runs/<name>-<jobid> under Slurm)")
-    steps: int = opt(0, ge=0, doc="optimizer steps; 0: run.epochs worth of steps")
-    epochs: int = opt(1, ge=1, doc="passes over the training data, when run.steps = 0")
+    steps: int = opt(0, ge=0, le=2**53, doc="optimizer steps; 0: run.epochs worth of steps")
+    epochs: int = opt(1, ge=1, le=2**53, doc="passes over the training data, when run.steps = 0")
     log_every: int = opt(10, ge=1, doc="steps between metrics lines")
     eval_every: int = opt(0, ge=0, doc="steps between test-set evaluations; 0: only at the end")
 
@@ -125,7 +125,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = opt(0, ge=0, doc="0: off")
+    every_steps: int = opt(0, ge=0, le=2**53, doc="0: off")
     every_seconds: float = opt(0.0, ge=0, doc="0: off")
     keep: int = opt(3, ge=1, doc="newest checkpoints kept; older ones removed after a commit")
 
@@ -380,6 +380,10 @@ def _eq(dotted: str, value: Any) -> str:
 def validate(cfg: JobConfig) -> None:
     """Checks that involve several keys, from the tables above. World-size checks: validate_layout."""
     src = cfg.source
+    name = cfg.run.name
+    if not name or name in (".", "..") or not all(c.isalnum() or c in "._-" for c in name):
+        raise ConfigError(f"{src}: run.name must be a name, not a path: letters, digits and . _ - "
+                          f"(got {_fmt(name)}); set run.out_dir to choose a directory")
     bs = cfg.data.batch_size
     if isinstance(bs, str) and bs != "all":
         raise ConfigError(f"{src}: data.batch_size must be a positive integer or \"all\" (got {_fmt(bs)})")

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .errors import DataError
+
 
 def process_start_time() -> float:
     """Unix time at which this process started (Linux /proc, to ~10 ms), else the time of this call."""
@@ -25,15 +27,24 @@ class MetricsLog:
 
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.file = open(self.path, "a", buffering=1)
+        try:
+            self.file = open(self.path, "a", buffering=1)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def write(self, record: dict) -> None:
         record = dict(record, wall=round(time.time(), 3))
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        try:
+            self.file.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a full disk, say: one line, not a traceback
+            raise DataError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass
 
 
 class Progress:

@@ -8,18 +8,23 @@ from __future__ import annotations
 import os
 
 
-def threads_per_rank(requested: int, local_ranks: int) -> int:
-    """`backend.threads`, or this node's cores (or Slurm's CPUs per task) split among its ranks."""
+def threads_per_rank(requested: int, local_ranks: int, env=os.environ) -> tuple[int, str]:
+    """(threads, where the number came from): `backend.threads`; else OMP_NUM_THREADS as the user set it
+    (HPC users and batch scripts set it on purpose); else Slurm's CPUs per task; else this rank's cores
+    split among the node's ranks."""
     if requested > 0:
-        return requested
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        return requested, "backend.threads"
+    omp = env.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cpus = env.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit() and int(cpus) > 0:
-        return int(cpus)
+        return int(cpus), "SLURM_CPUS_PER_TASK"
     try:
         cores = len(os.sched_getaffinity(0))  # the cores this rank may run on (mpirun/srun binding)
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_ranks))
+    return max(1, cores // max(1, local_ranks)), f"{cores} cores / {local_ranks} ranks on the node"
 
 
 def pin_threads(n: int) -> None:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, config, optim, parallel
+from . import checkpoint, config, optim, parallel, rundir
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress, process_start_time
 from .optim.schedules import lr_at
+from .signals import StopSignals
 
 
 @dataclass
@@ -33,8 +34,12 @@ class Summary:
     out_dir: str
     checkpoint: str | None
     stopped_by: str | None = None   # "signal SIGUSR1" when a signal ended the run early
+    finished_at: int | None = None  # the run had already reached its last step when it was resumed
 
     def line(self) -> str:
+        if self.finished_at is not None:
+            return (f"nothing to do: the run in {self.out_dir} finished at step {self.finished_at} "
+                    f"(raise run.steps or run.epochs to train on); nothing was changed")
         if self.stopped_by:
             return (f"stopped by {self.stopped_by} after {self.steps} steps: checkpoint {self.checkpoint}; "
                     f"continue with --resume auto")
@@ -68,11 +73,27 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
         nearest = os.path.dirname(nearest)
     if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
         raise ConfigError(f"{out_dir}: cannot create the run directory here (run.out_dir)")
-    if resume is None and os.path.isdir(out_dir) and (
-            checkpoint.list_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
-        raise ConfigError(f"{out_dir}: already holds a run; resume it with --resume auto, or set "
-                          f"run.out_dir (or run.name) to a new directory")
     return info, global_batch
+
+
+def take_run_dir(out_dir: str, resume: str | None, is_root: bool):
+    """Rank 0: lock the run directory (making it if needed), then check, under the lock, that a fresh
+    run does not land on an old one and that checkpoints can be written. (lock, notes); (None, []) on
+    the other ranks. Runs through comm.agree: a refusal is one line on every rank."""
+    if not is_root:
+        return None, []
+    rundir.check_not_foreign(out_dir)
+    lock, notes = rundir.acquire(out_dir)
+    try:
+        if resume is None and (checkpoint.list_checkpoints(out_dir)
+                               or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
+            raise ConfigError(f"{out_dir}: already holds a run; resume it with --resume auto, or set "
+                              f"run.out_dir (or run.name) to a new directory")
+        rundir.check_writable(out_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, notes
 
 
 # Config keys a checkpoint must agree on to be resumed (others, e.g. lr or steps, may change).
@@ -100,8 +121,10 @@ def load_for_resume(comm: MPI.Comm, out_dir: str, resume: str):
     return None, None, notes
 
 
-def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoint, force: bool) -> list[str]:
-    """Raise ConfigError naming the first key that differs in a way that matters (unless force)."""
+def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoint,
+                    force: bool) -> tuple[list[str], bool]:
+    """Raise ConfigError naming the first key that differs in a way that matters (unless force).
+    Returns (notes, whether the optimizer state loads)."""
     old = config.from_toml_text(ckpt.attrs["config"], path)
     notes = []
     for section, key in RESUME_KEYS:
@@ -112,25 +135,49 @@ def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoin
             if not force:
                 raise ConfigError(msg + " (use --resume-force to resume anyway)")
             notes.append(msg + " (--resume-force)")
-    return notes
+    load_state = True
+    if ckpt.attrs.get("optimizer") == cfg.optimizer.name:  # the same optimizer: are its state arrays there?
+        need = set(optim.build(cfg.optimizer, [(0, 1)], source=cfg.source).state_spec())
+        have = set(ckpt.optim)
+        if not need <= have:
+            msg = (f"{path}: the checkpoint's {cfg.optimizer.name} state has {', '.join(sorted(have)) or 'none'}, "
+                   f"the job's needs {', '.join(sorted(need))} (an optimizer option changed, e.g. optimizer.amsgrad)")
+            if not force:
+                raise ConfigError(msg + ": resume with the checkpoint's options, or --resume-force to start the "
+                                  "optimizer state fresh")
+            notes.append(msg + ": the optimizer state starts fresh (--resume-force)")
+            load_state = False
+    return notes, load_state
 
 
 class Trainer:
     def __init__(self, cfg: config.JobConfig, grid: Grid, out_dir: str, quiet: bool = False,
-                 resume: str | None = None, resume_force: bool = False):
+                 resume: str | None = None, resume_force: bool = False, signals: "StopSignals | None" = None):
         self.cfg, self.grid, self.out_dir, self.quiet = cfg, grid, out_dir, quiet
         world = grid.world
         self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume)
-        self.notes: list[str] = []  # one-line messages for the user (rank 0 prints them)
+        self.lock, self.notes = agree(world, take_run_dir, out_dir, resume, grid.is_root)
+        try:
+            self._start(cfg, grid, out_dir, resume, resume_force)
+        except BaseException:
+            self.release()
+            raise
+        self.signals = signals or StopSignals()
+        self.last_ckpt_time = time.monotonic()
+
+    def _start(self, cfg, grid, out_dir, resume, resume_force) -> None:
+        """Under the lock: the strategy, the data, and the checkpoint to resume from. The run directory's
+        config.toml is written only once all of it succeeded (a failed resume changes nothing)."""
+        world = grid.world
         ckpt = resume_path = None
         if resume is not None:
             ckpt, resume_path, notes = load_for_resume(world, out_dir, resume)
             self.notes += notes
+        load_state = True
         if ckpt is not None:
-            self.notes += agree(world, check_resumable, cfg, resume_path, ckpt, resume_force)
+            notes, load_state = agree(world, check_resumable, cfg, resume_path, ckpt, resume_force)
+            self.notes += notes
         self.strategy = agree(world, parallel.build, cfg, grid, self.global_batch)  # must not communicate
-        if grid.is_root:
-            make_run_dir(cfg, out_dir)
         dtype = self.strategy.dtype
         self.loader = ShardedLoader(cfg.data.path, "train", self.global_batch, grid.dp_rank, grid.dp,
                                     cfg.run.seed, dtype)
@@ -145,11 +192,17 @@ class Trainer:
         self.skipped = 0         # steps skipped for a non-finite gradient
         self.resumed_from = None
         if ckpt is not None:
-            self.notes += agree(world, self.strategy.restore, resume_path, ckpt)
+            self.notes += agree(world, self.strategy.restore, resume_path, ckpt, load_state)
             self.restore_position(resume_path, ckpt)
             ckpt.release()
-        self.signals = StopSignals()
-        self.last_ckpt_time = time.monotonic()
+        if grid.is_root and self.step_count < self.total_steps:  # a finished run stays as it was
+            rundir.write_config(out_dir, config.to_toml(cfg))
+
+    def release(self) -> None:
+        """Give the run directory back (rank 0; also after a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- one step --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -191,6 +244,13 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Summary:
         cfg, root = self.cfg, self.grid.is_root
+        self.signals.install()  # from the first line of `hpcopt train` on; kept until the process exits
+        if self.step_count >= self.total_steps:  # a finished run, resumed: nothing to do, nothing rewritten
+            if root:
+                for note in self.notes:
+                    print(f"hpcopt: {note}", file=sys.stderr, flush=True)
+            return Summary(0, 0.0, 0.0, float("nan"), float("nan"), self.out_dir, self.resumed_from,
+                           finished_at=self.step_count)
         log = MetricsLog(self.out_dir) if root else None
         slurm = slurm_fields()
         if root:
@@ -206,7 +266,6 @@ class Trainer:
         loss_acc = 0.0
         stopped_by = None
         path = None
-        self.signals.install()
         try:
             while self.step_count < self.total_steps:
                 loss_sum, lr, norm = self.step()
@@ -252,7 +311,6 @@ class Trainer:
             if stopped_by is None:
                 path = self.save()
         finally:
-            self.signals.uninstall()
             bar.close()
             if log:
                 log.close()
@@ -311,41 +369,8 @@ class Trainer:
         self.notes.append(f"resuming from {path} at step {self.step_count}")
 
 
-class StopSignals:
-    """SIGUSR1/SIGTERM (what Slurm sends before walltime) ask for a checkpoint at the next step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.received = 0
-        self.received_at = 0.0
-        self._old = {}
-
-    def _handler(self, signum, frame):
-        self.received = signum
-        self.received_at = self.received_at or time.time()
-
-    def install(self) -> None:
-        for s in self.SIGNALS:
-            self._old[s] = signal.signal(s, self._handler)
-
-    def uninstall(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
-
-
 def slurm_fields(env=os.environ) -> dict:
     """Slurm's job id and restart count, recorded with the metrics when running under Slurm."""
     if "SLURM_JOB_ID" not in env:
         return {}
     return dict(slurm_job_id=env["SLURM_JOB_ID"], slurm_restart_count=int(env.get("SLURM_RESTART_COUNT", 0)))
-
-
-def make_run_dir(cfg: config.JobConfig, out_dir: str) -> None:
-    """Rank 0: create the run directory and write the resolved config."""
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-    tmp = os.path.join(out_dir, "config.toml.tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_toml(cfg))
-    os.replace(tmp, os.path.join(out_dir, "config.toml"))

@@ -113,7 +113,13 @@ def inspect(path: str, check_values: bool = True, rank: int = 0, nranks: int = 1
                 raise DataError(f"{path}: /{split}/x has {x.shape[1]} features, /train/x has {features}")
             features = x.shape[1]
             sizes[split] = x.shape[0]
-        classes = int(f.attrs.get("classes", 0))
+        raw = f.attrs.get("classes", 0)
+        try:
+            classes = int(raw)
+            if isinstance(raw, (bytes, str)) or classes != raw:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: root attribute 'classes' must be an integer (got {raw!r})") from None
         if classes < 2:
             raise DataError(f"{path}: root attribute 'classes' must be >= 2 (got {classes})")
         if check_values:

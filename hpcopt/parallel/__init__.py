@@ -27,7 +27,54 @@ def build(cfg: JobConfig, grid: "Grid", global_batch: int):
     """The strategy of cfg.parallel.strategy for this grid. Raises ConfigError (from the rule tables)
     for a layout that cannot run; allocates buffers but does not communicate (it runs in comm.agree)."""
     config.validate_layout(cfg, grid.dp, grid.pp, grid.tp, global_batch)
+    check_device(cfg)
+    check_memory(cfg, grid)
     return COMPOSE[cfg.parallel.strategy](cfg, grid, global_batch)
+
+
+def check_device(cfg: JobConfig) -> None:
+    """backend.device = "cuda" needs a GPU that numba.cuda sees (or its simulator, NUMBA_ENABLE_CUDASIM=1)."""
+    if cfg.backend.device != "cuda":
+        return
+    try:
+        from numba import cuda
+
+        ok = cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken CUDA installation is the same answer: no GPU to use
+        ok = False
+    if not ok:
+        raise config.ConfigError(f"{cfg.source}: backend.device = \"cuda\" but numba.cuda finds no usable GPU "
+                                 f"(driver and CUDA toolkit installed?); use backend.device = \"cpu\"")
+
+
+def check_memory(cfg: JobConfig, grid: "Grid", available: int | None = None) -> None:
+    """The model's buffers on one rank (parameters, gradients, optimizer state) must fit the memory the
+    node has free: refused with the numbers, before any allocation, rather than a MemoryError."""
+    from .. import optim
+
+    w = cfg.model.layers
+    n = sum(w[i] * w[i + 1] + w[i + 1] for i in range(len(w) - 1))       # the whole model's parameters
+    per_rank = n / (grid.pp * grid.tp)                                   # a stage of tp blocks, roughly
+    states = len(optim.build(cfg.optimizer, [(0, 1)], source=cfg.source).state_spec())
+    item = 8 if cfg.model.dtype == "float64" else 4
+    need = per_rank * (2 * item + 4 * states)                           # data + grad + float32 state arrays
+    if available is None:
+        available = _mem_available()
+    if available is not None and need > available:
+        raise config.ConfigError(f"{cfg.source}: model.layers = {w} needs {need / 2**30:,.1f} GiB per rank "
+                                 f"({n:,} parameters, gradients and {states} optimizer state arrays), more than "
+                                 f"the {available / 2**30:,.1f} GiB this node has free")
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _update(cfg: JobConfig, params, grads, segments, **kw):

@@ -171,8 +171,8 @@ class AsyncParameterServer(Strategy):
         self.drain()
         return super().checkpoint_pieces()
 
-    def restore(self, path: str, ckpt) -> list[str]:
-        notes = super().restore(path, ckpt)
+    def restore(self, path: str, ckpt, load_state: bool = True) -> list[str]:
+        notes = super().restore(path, ckpt, load_state)
         steps = int(ckpt.attrs.get("opt_steps", ckpt.attrs["step"]))
         writer_ranks = int(np.prod(ckpt.attrs.get("world", [1])))
         self.version = steps * writer_ranks if ckpt.attrs.get("strategy") == "async" else steps

@@ -149,10 +149,12 @@ class Strategy:
         return [checkpoint.piece(prefix, key, shape, blocks.get(key), buf, dtype)
                 for prefix, buf, blocks, dtype in arrays for key, shape in self.partition.global_specs]
 
-    def restore(self, path: str, ckpt: checkpoint.Checkpoint) -> list[str]:
+    def restore(self, path: str, ckpt: checkpoint.Checkpoint, load_state: bool = True) -> list[str]:
         """Load this rank's blocks of the global arrays: any layout that wrote them loads here.
-        Returns notes for the user."""
+        load_state=False: the parameters only (the optimizer state starts fresh). Returns notes."""
         same_optimizer = ckpt.attrs.get("optimizer") == self.update.name
+        if not load_state:
+            same_optimizer = False
         blocks = self.partition.blocks()  # what this rank holds (a writer or not)
         checkpoint.check_complete(path, ckpt, list(blocks), list(self.update.state) if same_optimizer else [])
         for k, b in blocks.items():
@@ -164,6 +166,8 @@ class Strategy:
         self.update.params_changed()
         self.exchange.after_restore()
         if not same_optimizer:
+            if not load_state:
+                return []  # said by the Trainer's resume check
             return [f"{path}: optimizer state of {ckpt.attrs.get('optimizer')} not loaded into "
                     f"{self.update.name}: it starts fresh"]
         host = self.update.host_state()
