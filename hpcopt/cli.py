@@ -15,10 +15,9 @@ EXIT_RESUME = 75  # `train` checkpointed on SIGUSR1/SIGTERM and wants to be resu
 
 
 def _train(args) -> int:
-    from .signals import StopSignals
+    from .signals import PROCESS as stop
 
-    stop = StopSignals()
-    stop.install()  # before anything else: a signal during start-up is a checkpoint request, not a death
+    stop.install()  # already, when started as `python -m hpcopt` or `hpcopt`: see main()
 
     from mpi4py import MPI
 
@@ -45,10 +44,26 @@ def _train(args) -> int:
                         f"({thread_source}), {trainer.total_steps} steps of {trainer.global_batch} samples, "
                         f"optimizer {cfg.optimizer.name}, strategy {trainer.strategy.name}, run directory {out_dir}")
         summary = trainer.fit()
+        stop.ignore_from_now()  # the run has ended: a signal from here on must not turn 0 or 75 into 138
         comm.root_print(summary.line())
     finally:
         trainer.release()
-    return EXIT_RESUME if summary.stopped_by else 0
+    code = EXIT_RESUME if summary.stopped_by else 0
+    write_status(code)
+    return code
+
+
+def write_status(code: int) -> None:
+    """HPCOPT_STATUS_FILE: rank 0 writes its exit code there. mpirun exits 1 when it is itself sent
+    SIGTERM, whatever the ranks return; a batch script reads the file to tell "checkpointed, resume
+    me" (75) from a failure (docs/slurm.md)."""
+    path = os.environ.get("HPCOPT_STATUS_FILE")
+    if path and _world_rank() == 0:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError as e:
+            print(f"hpcopt: warning: cannot write HPCOPT_STATUS_FILE {path} ({e.strerror or e})", file=sys.stderr)
 
 
 def _data_make(args) -> int:
@@ -191,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .signals import install_if_training
+
+    install_if_training(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "train" and not any(e.startswith("-") for e in extra):
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except HpcoptError as e:
+        if args.command == "train":
+            write_status(e.exit_code)
         size = sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() if "mpi4py.MPI" in sys.modules else 1
         if size > 1 and not getattr(e, "all_ranks", False):
             from .comm import abort_on_exception  # raised on this rank alone: the others must not wait

@@ -31,3 +31,21 @@ class StopSignals:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+    def ignore_from_now(self) -> None:
+        """The run has ended (done, or checkpointed on a signal): later signals change nothing, also during
+        MPI_Finalize and interpreter shutdown, when Python has put back the default (fatal) actions of
+        the handlers it installed but keeps an ignored signal ignored."""
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+# Signal handlers belong to the process: one StopSignals for it, installed as early as `hpcopt train`
+# starts (hpcopt/__main__.py and cli.main, before the heavy imports) and handed to the Trainer.
+PROCESS = StopSignals()
+
+
+def install_if_training(argv: list[str]) -> None:
+    """Install the handlers when the command is `train` (other commands keep the default actions)."""
+    if argv and argv[0] == "train":
+        PROCESS.install()

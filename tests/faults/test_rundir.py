@@ -31,7 +31,8 @@ def test_two_runs_on_one_directory_one_proceeds(tmp_path, digits):
     the other exits 2 naming the lock's holder; every checkpoint verifies; nothing hangs."""
     for i in range(50):
         out = tmp_path / f"t{i}"
-        extra = ["run.steps=6", "checkpoint.every_steps=2"] + (["--resume", "auto"] if i % 2 else [])
+        # long enough (about a second of steps) that the first cannot finish before the second starts
+        extra = ["run.steps=400", "checkpoint.every_steps=100"] + (["--resume", "auto"] if i % 2 else [])
         a, b = start(digits, out, *extra), start(digits, out, *extra)
         results = [p.communicate(timeout=120) + (p.returncode,) for p in (a, b)]
         codes = sorted(r[2] for r in results)
@@ -40,10 +41,11 @@ def test_two_runs_on_one_directory_one_proceeds(tmp_path, digits):
         lines = loser[1].strip().splitlines()
         assert len(lines) == 1 and "in use by another run (host" in lines[0] and "pid" in lines[0], loser[1]
         steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
-        assert steps == [6], (i, steps)  # one run's records, not two interleaved
-        for name in sorted(os.listdir(out / "checkpoints")):
-            if name.endswith(".h5"):
-                hpcopt("ckpt", "verify", str(out / "checkpoints" / name), check=True)
+        assert steps == list(range(20, 401, 20)), (i, steps)  # one run's records, not two interleaved
+        from hpcopt import checkpoint
+
+        for _, path in checkpoint.list_checkpoints(str(out)):  # each verifies (manifest, then datasets)
+            checkpoint.read(path).release()
         assert not os.path.exists(out / ".lock")
 
 
