@@ -216,6 +216,23 @@ def test_requeue_on_signal_resumes_bitwise(slurm, digits, tmp_path, reference, t
         timings.append(f"exit 75 -> requeued job starts again: {seconds[1] - seconds[0]:.0f} s (cred_expire=10)")
 
 
+def test_requeue_under_mpirun_on_term_resumes_bitwise(slurm, digits, tmp_path, reference):
+    """HPCOPT_LAUNCHER=mpirun and a TERM to the batch shell (what a preemption hook may send): the script
+    passes it to mpirun as USR1 (mpirun would turn a TERM into a kill and exit 1), hpcopt checkpoints and
+    exits 75, the job requeues and resumes on the same trajectory (issue 12)."""
+    run_dir = tmp_path / "run"
+    job, out = long_job(slurm, REQUEUE, tmp_path, run_dir, digits, launcher="mpirun")
+    wait_for("logged step", lambda: logged_steps(run_dir), JOB_TIMEOUT, slurm, job, out)
+    r = slurm.cmd(["scancel", "--signal=TERM", "--batch", job])
+    assert r.returncode == 0, r.stderr
+    assert_completed(slurm, job, out, restarts=1)
+    text = read(out)
+    assert "TERM at" in text and "(as USR1)" in text, text
+    assert "hpcopt exited with 75" in text and "requeueing job" in text, text
+    assert logged_steps(run_dir, slurm_restart_count=1)[-1]["step"] == LONG_STEPS
+    assert_bitwise_equal(export(run_dir, LONG_STEPS), reference)
+
+
 def test_hard_kill_then_resubmit_resumes_from_periodic_checkpoint(slurm, digits, tmp_path, reference):
     run_dir = tmp_path / "run"
     job, out = long_job(slurm, REQUEUE, tmp_path, run_dir, digits)
