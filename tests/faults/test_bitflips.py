@@ -129,10 +129,11 @@ def test_ckpt_verify_reports_a_flip_in_5_s(run, tmp_path, where):
         assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1, (offset, p.stderr)
         assert "corrupt" in p.stderr or "differ" in p.stderr, p.stderr
         assert took < 5, f"ckpt verify took {took:.1f} s (seed {SEED}, offset {offset})"
-        # the other commands that read it: no traceback, no hang (one of them per flip, to keep the time)
-        cmd = [["ckpt", "ls", str(tmp_path)], ["ckpt", "export", bad, str(tmp_path / "x.npz")]][i % 2]
-        p = hpcopt(*cmd, timeout=30)
-        assert p.returncode in (0, 3) and "Traceback" not in p.stderr, (cmd, p.stderr)
+        if i == 0:  # the other commands that read it: no traceback, no hang (ls for one kind, export for another)
+            cmd = (["ckpt", "export", bad, str(tmp_path / "x.npz")] if where == "metadata"
+                   else ["ckpt", "ls", str(tmp_path)])
+            p = hpcopt(*cmd, timeout=30)
+            assert p.returncode in (0, 3) and "Traceback" not in p.stderr, (cmd, p.stderr)
 
 
 @pytest.mark.parametrize("where,n", [("random", 1), ("metadata", 1), ("attributes", 1), ("random", 2),
@@ -170,7 +171,7 @@ def test_old_checkpoints_without_a_manifest_are_checked_in_a_child(tmp_path):
     src = os.path.join(REPO, "tests", "data", "v1", "data2-step20.h5")
     meta, _ = metadata_offsets(src)
     rng = np.random.default_rng(SEED)
-    for offset in rng.choice(meta, 4):
+    for offset in rng.choice(meta, 2):
         bad = str(tmp_path / "step_00000020.h5")
         flip(src, bad, int(offset), int(rng.integers(0, 8)))
         p = hpcopt("ckpt", "verify", bad, timeout=120)

@@ -22,9 +22,15 @@ LAYOUTS = {
 
 
 def test_old_checkpoints_verify():
+    """Through the command for one, through the library call it makes for the others (each without a
+    manifest: verified in a child process, then read)."""
+    from hpcopt import checkpoint
+
+    p = hpcopt("ckpt", "verify", os.path.join(V1, "hybrid-step20.h5"), check=True)
+    assert "ok (step 20" in p.stdout, p.stdout
     for name in LAYOUTS:
-        p = hpcopt("ckpt", "verify", os.path.join(V1, f"{name}-step20.h5"), check=True)
-        assert "ok (step 20" in p.stdout, p.stdout
+        ck = checkpoint.read(os.path.join(V1, f"{name}-step20.h5"))
+        assert ck.attrs["step"] == 20 and len(ck.params) == 6, name
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
