@@ -331,9 +331,7 @@ def verified_bytes(path: str, comm: MPI.Comm) -> dict | None:
         return None
     bad = sorted(i for part in comm.allgather(agree(comm, ckptfile.bad_chunks, path, m, rank, nranks)) for i in part)
     if bad:
-        c = ckptfile.CHUNK_BYTES
-        err = DataError(f"{path}: bytes {bad[0] * c}..{min((bad[0] + 1) * c, m['size'])} differ from the "
-                        f"manifest's digest (corrupt)")
+        err = ckptfile.chunk_mismatch(path, m, bad[0])
         err.all_ranks = True
         raise err
     return m

@@ -144,9 +144,15 @@ def verify_bytes(path: str) -> dict | None:
     if m is not None:
         bad = bad_chunks(path, m)
         if bad:
-            raise DataError(f"{path}: bytes {bad[0] * CHUNK_BYTES}..{(bad[0] + 1) * CHUNK_BYTES} differ from the "
-                            f"manifest's digest (corrupt)")
+            raise chunk_mismatch(path, m, bad[0])
     return m
+
+
+def chunk_mismatch(path: str, m: dict, chunk: int) -> DataError:
+    """The one-line error for a chunk whose bytes differ from the manifest's digest."""
+    lo = chunk * CHUNK_BYTES
+    return DataError(f"{path}: bytes {lo}..{min(lo + CHUNK_BYTES, m['size'])} differ from the manifest's digest "
+                     f"(corrupt)")
 
 
 def check_step(path: str, m: dict | None, attrs: dict) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .layers import init_rng  # noqa: F401  (where a layer's init stream is defined)
 from .stage import Stage
 
 

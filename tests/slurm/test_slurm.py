@@ -181,16 +181,22 @@ def test_train_sbatch_runs_to_completion(slurm, digits, tmp_path, launcher):
     assert checkpoint_steps(run_dir)[-1] == SHORT_STEPS
 
 
+def signal_and_requeue(slurm, job: str, out: str, run_dir, sig: str) -> str:
+    """Once the job logs a step, signal its batch shell; it must checkpoint (75), requeue and complete.
+    Returns the job's output."""
+    wait_for("logged step", lambda: logged_steps(run_dir), JOB_TIMEOUT, slurm, job, out)
+    r = slurm.cmd(["scancel", f"--signal={sig}", "--batch", job])
+    assert r.returncode == 0, r.stderr
+    assert_completed(slurm, job, out, restarts=1)
+    text = read(out)
+    assert "hpcopt exited with 75" in text and "requeueing job" in text, text
+    return text
+
+
 def test_requeue_on_signal_resumes_bitwise(slurm, digits, tmp_path, reference, timings):
     run_dir = tmp_path / "run"
     job, out = long_job(slurm, REQUEUE, tmp_path, run_dir, digits)
-    wait_for("logged step", lambda: logged_steps(run_dir), JOB_TIMEOUT, slurm, job, out)
-    r = slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
-    assert r.returncode == 0, r.stderr
-    assert_completed(slurm, job, out, restarts=1)
-
-    text = read(out)
-    assert "hpcopt exited with 75" in text and "requeueing job" in text, text
+    text = signal_and_requeue(slurm, job, out, run_dir, "USR1")
     assert "start 2 (SLURM_RESTART_COUNT=1)" in text, text
     first = logged_steps(run_dir, slurm_restart_count=0)
     second = logged_steps(run_dir, slurm_restart_count=1)
@@ -222,13 +228,8 @@ def test_requeue_under_mpirun_on_term_resumes_bitwise(slurm, digits, tmp_path, r
     exits 75, the job requeues and resumes on the same trajectory (issue 12)."""
     run_dir = tmp_path / "run"
     job, out = long_job(slurm, REQUEUE, tmp_path, run_dir, digits, launcher="mpirun")
-    wait_for("logged step", lambda: logged_steps(run_dir), JOB_TIMEOUT, slurm, job, out)
-    r = slurm.cmd(["scancel", "--signal=TERM", "--batch", job])
-    assert r.returncode == 0, r.stderr
-    assert_completed(slurm, job, out, restarts=1)
-    text = read(out)
+    text = signal_and_requeue(slurm, job, out, run_dir, "TERM")
     assert "TERM at" in text and "(as USR1)" in text, text
-    assert "hpcopt exited with 75" in text and "requeueing job" in text, text
     assert logged_steps(run_dir, slurm_restart_count=1)[-1]["step"] == LONG_STEPS
     assert_bitwise_equal(export(run_dir, LONG_STEPS), reference)
 
