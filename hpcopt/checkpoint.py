@@ -243,13 +243,14 @@ class Checkpoint:
     """What a checkpoint holds, as global arrays keyed `layer.name`."""
     params: dict[str, np.ndarray]
     optim: dict[str, dict[str, np.ndarray]]     # state name -> key -> array
-    attrs: dict = field(default_factory=dict)   # step, epoch, seed, config, world, ...
+    attrs: dict = field(default_factory=dict)   # step, epoch, seed, config, world, model, ...
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)   # batch norm's running statistics
     window: MPI.Win | None = None               # the node-shared memory the arrays live in, if any
 
     def release(self) -> None:
         """Free the node-shared memory (collective over the node's ranks); the arrays become invalid."""
         if self.window is not None:
-            self.params, self.optim = {}, {}
+            self.params, self.optim, self.buffers = {}, {}, {}
             self.window.Free()
             self.window = None
 
@@ -305,13 +306,16 @@ def read(path: str, comm: MPI.Comm = MPI.COMM_SELF) -> Checkpoint:
         raise err
     params: dict[str, np.ndarray] = {}
     optim: dict[str, dict[str, np.ndarray]] = {}
+    buffers: dict[str, np.ndarray] = {}
     for (name, *_), a in zip(datasets, arrays):
         parts_ = name.split("/")
         if parts_[0] == "params":
             params[".".join(parts_[1:])] = a
         elif parts_[0] == "optim":
             optim.setdefault(parts_[1], {})[".".join(parts_[2:])] = a
-    return Checkpoint(params, optim, attrs, window)
+        elif parts_[0] == "buffers":
+            buffers[".".join(parts_[1:])] = a
+    return Checkpoint(params, optim, attrs, buffers=buffers, window=window)
 
 
 def verified_bytes(path: str, comm: MPI.Comm) -> dict | None:
@@ -393,9 +397,11 @@ def prune(run_dir: str, keep: int) -> None:
 
 
 def export_npz(path: str, out: str) -> list[str]:
-    """The global parameters, one array per `layer.name` key."""
+    """The global parameters, one array per `layer.name` key, and the buffers (batch norm's
+    `layer.running_mean` / `layer.running_var`)."""
     ckpt = read(path)
     tmp = out + ".tmp.npz"
-    np.savez(tmp, **ckpt.params)
+    arrays = {**ckpt.params, **ckpt.buffers}
+    np.savez(tmp, **arrays)
     os.replace(tmp, out)
-    return sorted(ckpt.params)
+    return sorted(arrays)

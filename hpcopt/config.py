@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from . import names
+from . import modelspec, names
 from .errors import ConfigError
 
 OPTIMIZERS = tuple(names.OPTIMIZERS)
@@ -53,8 +53,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    layers: list[int] = opt([64, 128, 10], length=2, ge=1, doc="widths: input, hidden..., output")
-    activation: str = opt("relu", choices=names.ACTIVATIONS, doc="between layers; none after the last")
+    layers: list[int] = opt([64, 128, 10], length=2, ge=1, doc="the MLP: widths input, hidden..., output "
+                            "(dense layers; model.activation between them)")
+    activation: str = opt("relu", choices=names.ACTIVATIONS, doc="the MLP's, between layers; none after the last")
+    input: list[int] = opt([], ge=1, doc="per-sample input shape for model.layer: [features], [channels, length] "
+                           "or [channels, height, width]; data rows are reshaped to it")
+    layer: list[dict] = opt([], doc="the general form: a list of layer tables (docs/models.md); "
+                            "replaces model.layers")
     loss: str = opt("softmax_ce", choices=names.LOSSES, doc="mse: against one-hot labels, mean over outputs")
     dtype: str = opt("float32", choices=("float32", "float64"), doc="parameters, activations and optimizer state")
     init: str = opt("he", choices=names.INITS, doc="he: normal(0, sqrt(2/n_in)); xavier: Glorot uniform; biases 0")
@@ -157,7 +162,7 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "sou
 
 # --------------------------------------------------------------------------------------------
 def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a table"}
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
@@ -204,6 +209,10 @@ def _coerce(value: Any, tp) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError
     raise TypeError
 
 
@@ -234,6 +243,8 @@ def _fmt(v: Any) -> str:
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_fmt(x)}" for k, x in v.items()) + " }"
     return str(v)
 
 
@@ -397,6 +408,12 @@ def validate(cfg: JobConfig) -> None:
     if cfg.optimizer.betas is not None and len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"{src}: optimizer.betas needs exactly 2 entries [beta1, beta2] "
                           f"(got {_fmt(cfg.optimizer.betas)})")
+    if cfg.model.layer:
+        for key in ("model.layers", "model.activation"):
+            if _is_set(cfg, key):
+                raise ConfigError(f"{src}: {key} belongs to the MLP form; with model.layer give every layer "
+                                  f"its own keys (remove {key})")
+    modelspec.from_config(cfg.model, src)
     strategy = cfg.parallel.strategy
     for key, strategies in APPLIES_TO.items():
         if strategy not in strategies and _is_set(cfg, key):
@@ -422,7 +439,8 @@ AXES_OF = {"pipeline": ("pp",), "tensor": ("tp",), "hybrid": ("pp", "tp")}
 def validate_layout(cfg: JobConfig, dp: int, pp: int, tp: int, global_batch: int) -> None:
     """The rules that need the process grid and the global batch; ConfigError naming the keys. Runs on
     every rank alike (no communication), before any buffer is allocated."""
-    src, p, widths = cfg.source, cfg.parallel, cfg.model.layers
+    src, p = cfg.source, cfg.parallel
+    spec = modelspec.from_config(cfg.model, src)
     name, axes = p.strategy, AXES_OF.get(p.strategy, ())
     if (pp > 1 or tp > 1) and not axes:
         raise ConfigError(f"{src}: parallel.pp/tp > 1 need parallel.strategy = \"pipeline\", "
@@ -435,20 +453,28 @@ def validate_layout(cfg: JobConfig, dp: int, pp: int, tp: int, global_batch: int
                           f"\"hybrid\" (\"{name}\" splits only over parallel.tp)")
     if not axes:
         return
-    n_layers = len(widths) - 1
+    n_layers = len(spec.units)
+    what = "model.layers" if spec.mlp else "model.layer"
     if pp > n_layers:
-        raise ConfigError(f"{src}: parallel.pp = {pp} stages but model.layers has only {n_layers} layers")
+        raise ConfigError(f"{src}: parallel.pp = {pp} stages but {what} has only {n_layers} layers")
     if p.stage_layers and (len(p.stage_layers) != pp or sum(p.stage_layers) != n_layers):
         raise ConfigError(f"{src}: parallel.stage_layers = {p.stage_layers} must have parallel.pp = {pp} entries "
-                          f"summing to the {n_layers} layers of model.layers")
+                          f"summing to the {n_layers} layers of {what}")
     per_replica = global_batch // dp
     if per_replica % p.micro_batches:
         raise ConfigError(f"{src}: parallel.micro_batches = {p.micro_batches} does not divide the per-replica "
                           f"batch data.batch_size / dp = {global_batch}/{dp} = {per_replica}")
     if tp > 1:
+        other = next((u for u in spec.units if u.type != "dense"), None)
+        if other is not None:
+            raise ConfigError(f"{src}: parallel.tp = {tp} splits pairs of dense layers only; layer {other.name} "
+                              f"({other.type}) cannot be split: use parallel.tp = 1 (pipeline stages and dp "
+                              f"replicas take any layer)")
+        widths = [spec.input[0]] + [u.keys["units"] for u in spec.units]
         for i in range(0, n_layers - 1, 2):  # dense i (column) and dense i+1 (row) split width i+1
             if widths[i + 1] % tp:
-                raise ConfigError(f"{src}: model.layers[{i + 1}] = {widths[i + 1]} does not divide by "
+                where = f"model.layers[{i + 1}]" if spec.mlp else f"model.layer[{i}].units"
+                raise ConfigError(f"{src}: {where} = {widths[i + 1]} does not divide by "
                                   f"parallel.tp = {tp} (dense{i} and dense{i + 1} split that width)")
         if cfg.optimizer.name in ("lars", "lamb"):
             raise ConfigError(f"{src}: optimizer.name = \"{cfg.optimizer.name}\" takes per-tensor norms, "
@@ -470,6 +496,8 @@ def to_toml(cfg: JobConfig) -> str:
         lines.append(f"\n[{section}]")
         for f in dataclasses.fields(cfg.section(section)):
             v = getattr(cfg.section(section), f.name)
+            if section == "model" and f.name in (("layers", "activation") if cfg.model.layer else ("input", "layer")):
+                continue  # the other form of the model: not this job's
             if v is not None:
                 lines.append(f"{f.name} = {_fmt(v)}")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ What moves between ranks within a step belongs to the strategy (hpcopt/parallel)
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, config, optim, parallel, rundir
+from . import checkpoint, config, modelspec, optim, parallel, rundir
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
@@ -53,11 +54,19 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
     Raises a user error with one line; called through comm.agree so all ranks leave together.
     """
     info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size)
-    if info.features != cfg.model.layers[0]:
+    spec = modelspec.from_config(cfg.model, cfg.source)
+    if spec.mlp and info.features != cfg.model.layers[0]:
         raise ConfigError(f"{cfg.source}: model.layers[0] = {cfg.model.layers[0]} but {cfg.data.path} has "
                           f"{info.features} features")
-    if cfg.model.layers[-1] < info.classes:
-        raise ConfigError(f"{cfg.source}: model.layers[-1] = {cfg.model.layers[-1]} outputs but "
+    if not spec.mlp and info.features != math.prod(spec.input):
+        raise ConfigError(f"{cfg.source}: model.input = {list(spec.input)} holds {math.prod(spec.input)} values "
+                          f"per sample but {cfg.data.path} has {info.features} features")
+    if len(spec.output) != 1:
+        raise ConfigError(f"{cfg.source}: the model's output has shape {list(spec.output)} per sample; the loss "
+                          f"needs [outputs] (end with a flatten, global_avgpool or dense layer)")
+    if spec.output[0] < info.classes:
+        what = "model.layers[-1]" if spec.mlp else "the last layer's output"
+        raise ConfigError(f"{cfg.source}: {what} = {spec.output[0]} outputs but "
                           f"{cfg.data.path} has {info.classes} classes")
     global_batch = info.sizes["train"] if cfg.data.batch_size == "all" else cfg.data.batch_size
     if global_batch > info.sizes["train"]:
@@ -96,7 +105,8 @@ def take_run_dir(out_dir: str, resume: str | None, is_root: bool):
     return lock, notes
 
 
-# Config keys a checkpoint must agree on to be resumed (others, e.g. lr or steps, may change).
+# Config keys a checkpoint must agree on to be resumed (others, e.g. lr or steps, may change); a
+# model.layer list is compared as a whole (modelspec.describe).
 RESUME_KEYS = (("model", "layers"), ("model", "activation"), ("model", "loss"), ("model", "dtype"),
                ("optimizer", "name"))
 
@@ -127,7 +137,16 @@ def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoin
     Returns (notes, whether the optimizer state loads)."""
     old = config.from_toml_text(ckpt.attrs["config"], path)
     notes = []
-    for section, key in RESUME_KEYS:
+    was, now = modelspec.from_config(old.model, path), modelspec.from_config(cfg.model, cfg.source)
+    keys = RESUME_KEYS
+    if not (was.mlp and now.mlp):
+        keys = RESUME_KEYS[2:]
+        if was.describe() != now.describe():
+            msg = f"{path}: the checkpoint's model differs from the job's: {modelspec.difference(was, now)}"
+            if not force:
+                raise ConfigError(msg + " (use --resume-force to resume anyway)")
+            notes.append(msg + " (--resume-force)")
+    for section, key in keys:
         a, b = getattr(old.section(section), key), getattr(cfg.section(section), key)
         if a != b:
             msg = (f"{path}: checkpoint has {section}.{key} = {config._fmt(a)} but the job has "
@@ -349,7 +368,8 @@ class Trainer:
         return dict(step=self.step_count, epoch=epoch, batch_in_epoch=batch, seed=self.cfg.run.seed,
                     opt_steps=self.opt_steps, skipped=self.skipped, lr=self.lr(max(self.step_count - 1, 0)),
                     config=config.to_toml(self.cfg), world=np.array([g.dp, g.pp, g.tp], dtype=np.int64),
-                    optimizer=self.cfg.optimizer.name, strategy=self.strategy.name)
+                    optimizer=self.cfg.optimizer.name, strategy=self.strategy.name,
+                    model=modelspec.from_config(self.cfg.model, self.cfg.source).describe())
 
     def save(self) -> str:
         """Checkpoint at the current step: every rank writes its rows of one file (parallel HDF5)."""

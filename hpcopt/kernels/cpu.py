@@ -14,9 +14,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-# activation codes (ints so kernels can branch without object arguments)
-IDENTITY, RELU, TANH, SIGMOID = 0, 1, 2, 3
-ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
+# activation codes (ints so kernels can branch without object arguments). relu, tanh and sigmoid take
+# their derivative from the OUTPUT (fused into bias_act_*); gelu and silu need the INPUT, so a layer
+# using them keeps the pre-activation z and calls act_forward / act_backward (FROM_INPUT).
+IDENTITY, RELU, TANH, SIGMOID, GELU, SILU = 0, 1, 2, 3, 4, 5
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "gelu": GELU, "silu": SILU}
+FROM_INPUT = (GELU, SILU)
 
 _BLOCK = 64  # columns per task in column reductions: contiguous rows of 64 floats per thread
 
@@ -62,6 +65,54 @@ def bias_act_backward(dz, a, act, db):
                     d = d * (a[i, j] * (1 - a[i, j]))
                 dz[i, j] = d
                 db[j] += d
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@njit(cache=True)
+def act_forward(z, a, act):
+    """a := act(z) elementwise over 1-D views (any activation code); gelu is the exact erf form
+    (torch's default), silu = z·σ(z)."""
+    for i in range(z.shape[0]):
+        v = z[i]
+        if act == GELU:
+            a[i] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
+        elif act == SILU:
+            a[i] = v / (1.0 + math.exp(-v))
+        elif act == RELU:
+            a[i] = v if v > 0 else 0.0
+        elif act == TANH:
+            a[i] = math.tanh(v)
+        elif act == SIGMOID:
+            a[i] = 1 / (1 + math.exp(-v))
+        else:
+            a[i] = v
+
+
+@njit(cache=True)
+def act_backward(dz, z, act):
+    """dz := dz·act'(z) in place (1-D views), the derivative taken at the INPUT z: gelu' = Φ(z) + z·φ(z),
+    silu' = σ(z)·(1 + z·(1 - σ(z))), relu' = [z > 0], tanh' = 1 - tanh², sigmoid' = σ(1 - σ)."""
+    for i in range(z.shape[0]):
+        v = z[i]
+        if act == GELU:
+            d = 0.5 * (1.0 + math.erf(v * _SQRT_HALF)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
+        elif act == SILU:
+            s = 1.0 / (1.0 + math.exp(-v))
+            d = s * (1.0 + v * (1.0 - s))
+        elif act == RELU:
+            d = 1.0 if v > 0 else 0.0
+        elif act == TANH:
+            t = math.tanh(v)
+            d = 1.0 - t * t
+        elif act == SIGMOID:
+            s = 1.0 / (1.0 + math.exp(-v))
+            d = s * (1.0 - s)
+        else:
+            d = 1.0
+        dz[i] = dz[i] * d
 
 
 @njit(cache=True)

@@ -1,5 +1,5 @@
 """Layers over one flat parameter buffer (DESIGN §3)."""
-from .model import MLP
+from .model import MLP, Model
 from .params import FlatParams, ParamSpec
 
-__all__ = ["MLP", "FlatParams", "ParamSpec"]
+__all__ = ["MLP", "Model", "FlatParams", "ParamSpec"]

@@ -14,6 +14,7 @@ the caller passes `tp_sum(a)`, an in-place sum over the tensor-parallel ranks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -27,6 +28,40 @@ TpSum = Callable[[np.ndarray], None]
 
 def _no_sum(a: np.ndarray) -> None:
     return None
+
+
+@dataclass
+class Ctx:
+    """What a layer's forward/backward may need besides its arrays (nn/ holds no communicator):
+    tp_sum(a): in-place sum over the tensor-parallel ranks; dp_sum(a): in-place sum of a float64 array
+    over the ranks whose rows are normalised together (synchronised batch norm; None: this rank alone);
+    training: batch statistics and dropout (False: running statistics, no dropout); step and first_row:
+    the optimizer step and the GLOBAL index, within the global batch, of this call's first row (the
+    dropout stream's key)."""
+    tp_sum: TpSum = _no_sum
+    dp_sum: Callable[[np.ndarray], None] | None = None
+    training: bool = True
+    step: int = 0
+    first_row: int = 0
+
+
+TRAIN = Ctx()
+EVAL = Ctx(training=False)
+
+
+def flat_view(a: np.ndarray) -> np.ndarray:
+    """The 1-D view of a C-contiguous array (a kernel writing into it writes into `a`)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("expected a C-contiguous array")
+    return a.reshape(-1)
+
+
+def activate(z: np.ndarray, act: int) -> np.ndarray:
+    """a = act(z) for the activations that need their input for the derivative (gelu, silu): a new
+    array; z is kept for backward."""
+    a = np.empty_like(z)
+    K.act_forward(flat_view(z), flat_view(a), act)
+    return a
 
 
 def init_rng(seed: int, layer_index: int) -> np.random.Generator:
@@ -64,6 +99,12 @@ class Dense:
             return self.rows, self.cols
         return (self.cols,)
 
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.n_out,)
+
+    def buffer_specs(self) -> list[ParamSpec]:
+        return []
+
     def replicated_over_tp(self, name: str) -> bool:
         """Whether every tp rank holds this tensor alike (a FULL layer, a ROW layer's bias)."""
         return self.split == FULL or (self.split == ROW and name == "bias")
@@ -85,30 +126,39 @@ class Dense:
         self.W[...] = full[self.rows, self.cols]
         self.b[...] = 0
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None, tp_sum: TpSum = _no_sum) -> np.ndarray:
-        """x (B, n_in) -> a = act(x @ W [summed over tp for ROW] + b) (B, n_out), into `out` if given."""
-        a = np.matmul(x, self.W, out=out)
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out: np.ndarray | None = None):
+        """x (B, n_in) -> (a, saved): a = act(x @ W [summed over tp for ROW] + b) (B, n_out), into `out`
+        if given (gelu/silu: `out` keeps the pre-activation and a is new); saved: what backward needs."""
+        z = np.matmul(x, self.W, out=out)
         if self.split == ROW:
-            tp_sum(a)
-        K.bias_act_forward(a, self.b, self.act)
-        return a
+            ctx.tp_sum(z)
+        if self.act in K.FROM_INPUT:
+            K.bias_act_forward(z, self.b, K.IDENTITY)
+            a = activate(z, self.act)
+            return a, (x, z, a)
+        K.bias_act_forward(z, self.b, self.act)
+        return z, (x, z)
 
-    def backward(self, x: np.ndarray, a: np.ndarray, da: np.ndarray, need_dx: bool,
-                 accumulate: bool = False, dx_out: np.ndarray | None = None,
-                 tp_sum: TpSum = _no_sum) -> np.ndarray | None:
+    def backward(self, saved, da: np.ndarray, need_dx: bool, accumulate: bool = False, ctx: Ctx = TRAIN,
+                 dx_out: np.ndarray | None = None) -> np.ndarray | None:
         """da (B, n_out) is overwritten with dL/dz; writes dW (n_in, n_out) and db (n_out,), or ADDS
         them to the gradient buffer (accumulate: a later micro-batch).
 
         Returns dx (B, n_in) when need_dx (into dx_out if given), else None (the first layer needs no
         input gradient). A COLUMN block's dx is a partial sum over its output columns: summed over tp.
         """
+        x, a = saved[0], saved[1]
+        act = self.act
+        if act in K.FROM_INPUT:
+            K.act_backward(flat_view(da), flat_view(a), act)   # a is z here: dL/dz = dL/da · act'(z)
+            act = K.IDENTITY
         if not accumulate:
-            K.bias_act_backward(da, a, self.act, self.db)
+            K.bias_act_backward(da, a, act, self.db)
             np.matmul(x.T, da, out=self.dW)
         else:
             if self._dW is None:
                 self._dW, self._db = np.empty_like(self.dW), np.empty_like(self.db)
-            K.bias_act_backward(da, a, self.act, self._db)
+            K.bias_act_backward(da, a, act, self._db)
             np.matmul(x.T, da, out=self._dW)
             self.dW += self._dW
             self.db += self._db
@@ -116,5 +166,5 @@ class Dense:
             return None
         dx = np.matmul(da, self.W.T, out=dx_out)
         if self.split == COLUMN:
-            tp_sum(dx)
+            ctx.tp_sum(dx)
         return dx

@@ -3,42 +3,60 @@
 Shapes: x (B, C, H, W) for the 2-D layers, (B, C, L) for Conv1d, (B, F) for BatchNorm1d; weights as
 torch stores them (conv: (C_out, C_in, kh, kw)), so a torch model's tensors copy over unchanged.
 
-Each layer has the interface of `layers.Dense`: `param_specs()`, `bind(flat)` (views into the ONE flat
-parameter buffer and its gradient twin), `init(rng, scheme)`, plus `out_shape(in_shape)` (per sample,
-for checking a model's shapes before running it) and `forward(x)` / `backward(x, y, dy, need_dx)`;
-backward WRITES the parameter gradients into the bound gradient views (or adds them: `accumulate`,
-a later micro-batch) and returns dx, or None when need_dx is False (the first layer).
+Every layer has the interface of `layers.Dense`: `param_specs()`, `bind(flat)` (views into the ONE flat
+parameter buffer and its gradient twin), `init(rng, scheme)`, `out_shape(in_shape)` (per sample), and
 
-Parallel contracts, as in layers.py (nn/ holds no communicator; the caller passes callables):
-  * BatchNorm normalises with statistics summed over the data-parallel ranks: `allreduce_sum(a)` sums
-    a float64 array over the ranks IN PLACE (None: one process). Two small Allreduces per layer per
-    step: [sum x, sum x²] forward, [sum dy, sum dy·xhat] backward.
-  * Dropout's mask is a pure function of (seed, step, layer index, GLOBAL sample index, element), so a
-    global batch gets the same mask however it is split over ranks.
+    forward(x, ctx=TRAIN) -> (y, saved)            saved: what backward needs (held per micro-batch by
+    backward(saved, dy, need_dx, accumulate=False, ctx=TRAIN) -> dx | None       the caller, never here)
+
+backward WRITES the parameter gradients into the bound gradient views (or adds them: `accumulate`, a
+later micro-batch) and returns dx, or None when need_dx is False (the first layer). A layer keeps no
+per-call state, so a pipeline may hold several micro-batches' forwards before their backwards.
+
+Parallel contracts (nn/ holds no communicator; `ctx` (layers.Ctx) carries the callables):
+  * BatchNorm normalises with statistics summed by `ctx.dp_sum(a)` (a float64 array summed over the
+    data-parallel ranks IN PLACE; None: this rank's rows alone). Two small Allreduces per layer per
+    call: [sum x, sum x², count] forward, [sum dy, sum dy·xhat] backward. Its running statistics are
+    buffers (not parameters): `buffer_specs()` / `bind_buffers(bufs)`, checkpointed beside the flat buffer.
+  * Dropout's mask is a pure function of (seed, ctx.step, layer index, GLOBAL sample index
+    ctx.first_row + r, element), so a global batch gets the same mask however it is split over ranks.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import numpy as np
 
 from ..kernels import conv as KC
 from ..kernels import cpu as K
+from .layers import TRAIN, Ctx, activate, flat_view
 from .params import FlatParams, ParamSpec
-
-AllreduceSum = Callable[[np.ndarray], None]
-
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
 
 
-class _Affine:
-    """The elementwise weight and bias of a normalisation layer, of shape `param_shape()`; they start
-    as the identity (scale 1, shift 0)."""
+class _Whole:
+    """A layer held whole on every rank that has it (tensor parallelism splits dense pairs only): its
+    tensors are global tensors; no buffers unless it says so."""
 
     name: str
+
+    def global_shape(self, which: str) -> tuple[int, ...]:
+        return next(p.shape for p in self.param_specs() if p.name == which)
+
+    def block(self, which: str) -> tuple[slice, ...]:
+        return (slice(0, self.global_shape(which)[0]),)
+
+    def replicated_over_tp(self, which: str) -> bool:
+        return True
+
+    def buffer_specs(self) -> list[ParamSpec]:
+        return []
+
+
+class _Affine(_Whole):
+    """The elementwise weight and bias of a normalisation layer, of shape `param_shape()`; they start
+    as the identity (scale 1, shift 0)."""
 
     def param_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -70,7 +88,7 @@ def _he_or_xavier(rng: np.random.Generator, scheme: str, shape: tuple[int, ...],
     raise ValueError(f"unknown init scheme {scheme!r} (he, xavier)")
 
 
-class _NoParams:
+class _NoParams(_Whole):
     """Pooling, flatten, dropout: nothing in the flat buffer."""
 
     def param_specs(self) -> list[ParamSpec]:
@@ -85,8 +103,18 @@ class _NoParams:
 
 # ================================================================ convolution
 
+def _cols(scratch: dict | None, shape: tuple[int, int], dtype) -> np.ndarray:
+    """The im2col matrix, reused from `scratch` while its shape and dtype hold."""
+    cols = None if scratch is None else scratch.get("cols")
+    if cols is None or cols.shape != shape or cols.dtype != dtype:
+        cols = np.empty(shape, dtype)
+        if scratch is not None:
+            scratch["cols"] = cols
+    return cols
+
+
 def conv2d_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride=1, padding=0, dilation=1,
-                   act: int = K.IDENTITY, cols: np.ndarray | None = None) -> np.ndarray:
+                   act: int = K.IDENTITY, scratch: dict | None = None) -> np.ndarray:
     """x (B, C, H, W), weight (C_out, C, kh, kw), bias (C_out,) -> y = act(conv(x) + b) (B, C_out, OH, OW).
 
     im2col into cols (B·OH·OW, C·kh·kw) (given scratch, or new), one GEMM with the weight viewed
@@ -100,8 +128,7 @@ def conv2d_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride=1
     Co, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     OH, OW = KC.conv_out_size(H, kh, sh, ph, dh), KC.conv_out_size(W, kw, sw, pw, dw)
-    if cols is None:
-        cols = np.empty((B * OH * OW, C * kh * kw), x.dtype)
+    cols = _cols(scratch, (B * OH * OW, C * kh * kw), x.dtype)
     KC.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols)
     z = np.matmul(cols, weight.reshape(Co, -1).T)      # (B·OH·OW, C_out)
     K.bias_act_forward(z, bias, act)
@@ -112,7 +139,7 @@ def conv2d_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride=1
 
 def conv2d_backward(x: np.ndarray, y: np.ndarray, dy: np.ndarray, weight: np.ndarray, dweight: np.ndarray,
                     dbias: np.ndarray, stride=1, padding=0, dilation=1, act: int = K.IDENTITY,
-                    need_dx: bool = True, cols: np.ndarray | None = None) -> np.ndarray | None:
+                    need_dx: bool = True, scratch: dict | None = None) -> np.ndarray | None:
     """x (B, C, H, W), y and dy (B, C_out, OH, OW) -> dweight (C_out, C, kh, kw), dbias (C_out,) written
     (both contiguous: the GEMM writes through a reshaped view); returns dx (B, C, H, W) when need_dx.
 
@@ -133,8 +160,7 @@ def conv2d_backward(x: np.ndarray, y: np.ndarray, dy: np.ndarray, weight: np.nda
         a = np.empty_like(dz)
         KC.nchw_to_rows(y, a)
     K.bias_act_backward(dz, a, act, dbias)
-    if cols is None:
-        cols = np.empty((B * OH * OW, C * kh * kw), x.dtype)
+    cols = _cols(scratch, (B * OH * OW, C * kh * kw), x.dtype)
     KC.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols)
     np.matmul(dz.T, cols, out=dweight.reshape(Co, -1))
     if not need_dx:
@@ -145,7 +171,7 @@ def conv2d_backward(x: np.ndarray, y: np.ndarray, dy: np.ndarray, weight: np.nda
     return dx
 
 
-class Conv2d:
+class Conv2d(_Whole):
     """y = act(conv2d(x, W) + b). x (B, C_in, H, W) -> y (B, C_out, OH, OW); W (C_out, C_in, kh, kw)."""
 
     def __init__(self, name: str, c_in: int, c_out: int, kernel, stride=1, padding=0, dilation=1,
@@ -155,7 +181,7 @@ class Conv2d:
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.activation = activation
         self.act = K.ACTIVATIONS[activation]
-        self._cols = None                      # im2col scratch, reused while the shape holds
+        self._scratch: dict = {}               # the convolution's reusable buffers
         self._dW = self._db = None             # scratch for accumulate, made on first use
 
     def weight_shape(self) -> tuple[int, ...]:
@@ -191,37 +217,40 @@ class Conv2d:
                              f"output would be ({self.c_out}, {OH}, {OW})")
         return (self.c_out, OH, OW)
 
-    def _scratch(self, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-        shape = (x.shape[0] * out_hw[0] * out_hw[1], self.c_in * math.prod(self.kernel))
-        if self._cols is None or self._cols.shape != shape or self._cols.dtype != x.dtype:
-            self._cols = np.empty(shape, x.dtype)
-        return self._cols
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, C_in, H, W) -> y (B, C_out, OH, OW)."""
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        """x (B, C_in, H, W) -> (y (B, C_out, OH, OW), saved)."""
         self.out_shape(x.shape[1:])
         return self._forward4(x)
 
-    def _forward4(self, x: np.ndarray) -> np.ndarray:
-        B, _, H, W = x.shape
-        OH = KC.conv_out_size(H, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0])
-        OW = KC.conv_out_size(W, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1])
-        return conv2d_forward(x, self._W4, self.b, self.stride, self.padding, self.dilation, self.act,
-                              cols=self._scratch(x, (OH, OW)))
+    def _forward4(self, x: np.ndarray):
+        if self.act in K.FROM_INPUT:   # gelu/silu: keep the pre-activation for backward
+            z = conv2d_forward(x, self._W4, self.b, self.stride, self.padding, self.dilation, K.IDENTITY,
+                               self._scratch)
+            y = activate(z, self.act)
+            return y, (x, z, y)
+        y = conv2d_forward(x, self._W4, self.b, self.stride, self.padding, self.dilation, self.act,
+                           self._scratch)
+        return y, (x, y)
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool,
-                 accumulate: bool = False) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
         """dy (B, C_out, OH, OW) -> dW, db written (added if accumulate); dx (B, C_in, H, W) or None."""
-        return self._backward4(x, y, dy, need_dx, accumulate)
+        return self._backward4(saved, dy, need_dx, accumulate)
 
-    def _backward4(self, x, y, dy, need_dx, accumulate):
+    def _backward4(self, saved, dy, need_dx, accumulate):
+        x, y = saved[0], saved[1]
+        act = self.act
+        if act in K.FROM_INPUT:
+            dy = np.ascontiguousarray(dy)
+            K.act_backward(flat_view(dy), flat_view(y), act)   # y is z here: dL/dz = dL/dy · act'(z)
+            act = K.IDENTITY
         dW, db = self._dW4, self.db
         if accumulate:
             if self._dW is None:
                 self._dW, self._db = np.empty_like(self._dW4), np.empty_like(self.db)
             dW, db = self._dW, self._db
-        dx = conv2d_backward(x, y, dy, self._W4, dW, db, self.stride, self.padding, self.dilation, self.act,
-                             need_dx, cols=self._scratch(x, dy.shape[2:]))
+        dx = conv2d_backward(x, y, dy, self._W4, dW, db, self.stride, self.padding, self.dilation, act,
+                             need_dx, self._scratch)
         if accumulate:
             self._dW4 += dW
             self.db += db
@@ -245,15 +274,16 @@ class Conv1d(Conv2d):
         c, _, ol = super().out_shape((in_shape[0], 1, in_shape[1]))
         return (c, ol)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, C_in, L) -> y (B, C_out, OL)."""
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        """x (B, C_in, L) -> (y (B, C_out, OL), saved)."""
         self.out_shape(x.shape[1:])
-        return self._forward4(x[:, :, None, :])[:, :, 0, :]
+        y, saved = self._forward4(x[:, :, None, :])
+        return y[:, :, 0, :], saved
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool,
-                 accumulate: bool = False) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
         """dy (B, C_out, OL) -> dW (C_out, C_in, k), db written; dx (B, C_in, L) or None."""
-        dx = self._backward4(x[:, :, None, :], y[:, :, None, :], dy[:, :, None, :], need_dx, accumulate)
+        dx = self._backward4(saved, dy[:, :, None, :], need_dx, accumulate)
         return None if dx is None else dx[:, :, 0, :]
 
 
@@ -265,11 +295,10 @@ class MaxPool2d(_NoParams):
     def __init__(self, name: str, kernel, stride=None, padding=0):
         self.name = name
         self.kernel = _pair(kernel)
-        self.stride = self.kernel if stride is None else _pair(stride)
+        self.stride = self.kernel if not stride else _pair(stride)
         self.padding = _pair(padding)
         if 2 * self.padding[0] > self.kernel[0] or 2 * self.padding[1] > self.kernel[1]:
             raise ValueError(f"{name}: padding {self.padding} exceeds half the kernel {self.kernel}")
-        self._idx = None   # (B, C, OH, OW) int64 argmax of the last forward: ih·W + iw
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """(C, H, W) -> (C, OH, OW)."""
@@ -282,36 +311,39 @@ class MaxPool2d(_NoParams):
             raise _shape_error(self.name, f"(C, H >= {self.kernel[0]}, W >= {self.kernel[1]})", in_shape)
         return (C, OH, OW)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, C, H, W) -> y (B, C, OH, OW); keeps the argmax indices for backward."""
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        """x (B, C, H, W) -> (y (B, C, OH, OW), saved: x's shape and the argmax indices)."""
         shape = (x.shape[0], *self.out_shape(x.shape[1:]))
         y = np.empty(shape, x.dtype)
-        self._idx = np.empty(shape, np.int64)
-        KC.maxpool2d_forward(x, *self.kernel, *self.stride, *self.padding, y, self._idx)
-        return y
+        idx = np.empty(shape, np.int64)
+        KC.maxpool2d_forward(x, *self.kernel, *self.stride, *self.padding, y, idx)
+        return y, (x.shape, idx)
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        """dy (B, C, OH, OW) -> dx (B, C, H, W), using the argmax of the LAST forward (which must be x's)."""
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        """dy (B, C, OH, OW) -> dx (B, C, H, W): each dy added at its window's argmax."""
         if not need_dx:
             return None
-        dx = np.empty(x.shape, x.dtype)
-        KC.maxpool2d_backward(dy, self._idx, dx)
+        shape, idx = saved
+        dx = np.empty(shape, dy.dtype)
+        KC.maxpool2d_backward(np.ascontiguousarray(dy), idx, dx)
         return dx
 
 
 class AvgPool2d(MaxPool2d):
     """x (B, C, H, W) -> y (B, C, OH, OW): window means (padding counted as zeros, torch's default)."""
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
         y = np.empty((x.shape[0], *self.out_shape(x.shape[1:])), x.dtype)
         KC.avgpool2d_forward(x, *self.kernel, *self.stride, *self.padding, y)
-        return y
+        return y, x.shape
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
         if not need_dx:
             return None
-        dx = np.empty(x.shape, x.dtype)
-        KC.avgpool2d_backward(dy, *self.kernel, *self.stride, *self.padding, dx)
+        dx = np.empty(saved, dy.dtype)
+        KC.avgpool2d_backward(np.ascontiguousarray(dy), *self.kernel, *self.stride, *self.padding, dx)
         return dx
 
 
@@ -326,16 +358,17 @@ class GlobalAvgPool(_NoParams):
             raise _shape_error(self.name, "(C, H, W)", in_shape)
         return (in_shape[0],)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
         self.out_shape(x.shape[1:])
-        return x.mean(axis=(2, 3), dtype=x.dtype)
+        return x.mean(axis=(2, 3), dtype=x.dtype), x.shape
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
         """dy (B, C) -> dx (B, C, H, W) = dy / (H·W) at every pixel."""
         if not need_dx:
             return None
-        dx = np.empty(x.shape, x.dtype)
-        dx[...] = (dy / (x.shape[2] * x.shape[3]))[:, :, None, None]
+        dx = np.empty(saved, dy.dtype)
+        dx[...] = (dy / (saved[2] * saved[3]))[:, :, None, None]
         return dx
 
 
@@ -348,11 +381,38 @@ class Flatten(_NoParams):
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(in_shape),)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(x.shape[0], -1)
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        return np.ascontiguousarray(x).reshape(x.shape[0], -1), x.shape
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        return dy.reshape(x.shape) if need_dx else None
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        return dy.reshape(saved) if need_dx else None
+
+
+class Activation(_NoParams):
+    """y = act(x) elementwise, for any shape (after a normalisation, say: conv -> batchnorm -> relu);
+    the derivative is taken at the input, kept by forward."""
+
+    def __init__(self, name: str, function: str):
+        self.name, self.function = name, function
+        self.act = K.ACTIVATIONS[function]
+
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(in_shape)
+
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        x = np.ascontiguousarray(x)
+        y = np.empty_like(x)
+        K.act_forward(flat_view(x), flat_view(y), self.act)
+        return y, x
+
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        dx = np.array(dy, order="C")
+        K.act_backward(flat_view(dx), flat_view(saved), self.act)
+        return dx
 
 
 # ================================================================ layer norm
@@ -388,7 +448,6 @@ class LayerNorm(_Affine):
         self.name = name
         self.shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         self.eps = eps
-        self.mean = self.rstd = None   # (B,) float64, saved by forward for backward
         self._dW = self._db = None
 
     def param_shape(self) -> tuple[int, ...]:
@@ -399,20 +458,21 @@ class LayerNorm(_Affine):
             raise _shape_error(self.name, str(self.shape), in_shape)
         return self.shape
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, *shape) -> y (B, *shape); saves mean, rstd (B,)."""
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        """x (B, *shape) -> (y (B, *shape), saved: x, mean and rstd (B,))."""
         self.out_shape(x.shape[1:])
-        y, self.mean, self.rstd = layernorm_forward(x, self.W, self.b, self.eps)
-        return y
+        y, mean, rstd = layernorm_forward(x, self.W, self.b, self.eps)
+        return y, (x, mean, rstd)
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool,
-                 accumulate: bool = False) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        x, mean, rstd = saved
         dW, db = self.dW, self.db
         if accumulate:
             if self._dW is None:
                 self._dW, self._db = np.empty_like(self.dW), np.empty_like(self.db)
             dW, db = self._dW, self._db
-        dx = layernorm_backward(dy, x, self.W, self.mean, self.rstd, dW, db, need_dx)
+        dx = layernorm_backward(dy, x, self.W, mean, rstd, dW, db, need_dx)
         if accumulate:
             self.dW += dW
             self.db += db
@@ -492,60 +552,65 @@ def batchnorm_backward_apply(dy: np.ndarray, xhat: np.ndarray, weight: np.ndarra
 
 
 class BatchNorm2d(_Affine):
-    """x (B, C, H, W) -> y: per-channel batch normalisation, statistics over (B, H, W) of the GLOBAL
-    batch (summed over ranks by `allreduce_sum`, if given); weight, bias (C,).
+    """x (B, C, H, W) -> y: per-channel batch normalisation, statistics over (B, H, W) of the rows
+    normalised together (summed over ranks by `ctx.dp_sum`, if given); weight, bias (C,).
 
-    running_mean/running_var (C,) float64 are plain arrays, not parameters: no gradient, no optimizer
-    step; a checkpoint saves them beside the flat buffer. `training` False: the running statistics.
-    Parameter gradients are this rank's sums (dweight = sum dy·xhat, dbias = sum dy over its rows):
-    the data-parallel gradient sum then makes them the global ones, as for every other parameter
-    (torch's SyncBatchNorm does the same); dx uses the globally summed terms.
+    running_mean/running_var (C,) float64 are buffers, not parameters: no gradient, no optimizer step;
+    checkpoints save them beside the flat buffer (`buffer_specs`, `bind_buffers`; unbound, the layer
+    keeps its own). `ctx.training` False: normalise with them. Parameter gradients are this rank's
+    sums (dweight = sum dy·xhat, dbias = sum dy over its rows): the data-parallel gradient sum then
+    makes them the global ones, as for every other parameter (torch's SyncBatchNorm does the same);
+    dx uses the globally summed terms.
     """
 
     ndim = 3  # per-sample dims
 
-    def __init__(self, name: str, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
-                 allreduce_sum: AllreduceSum | None = None):
+    def __init__(self, name: str, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
         self.name, self.C = name, num_features
         self.momentum, self.eps = momentum, eps
-        self.allreduce_sum = allreduce_sum
-        self.training = True
         self.running_mean = np.zeros(num_features)
         self.running_var = np.ones(num_features)
-        self.xhat = self.rstd = None   # saved by forward for backward
-        self.count = 0                 # global samples·pixels per channel of the last forward
 
     def param_shape(self) -> tuple[int, ...]:
         return (self.C,)
+
+    def buffer_specs(self) -> list[ParamSpec]:
+        return [ParamSpec(self.name, "running_mean", (self.C,)), ParamSpec(self.name, "running_var", (self.C,))]
+
+    def bind_buffers(self, bufs: FlatParams) -> None:
+        """Take views into a float64 buffer array (a Stage's); sets them to the start values (0, 1)."""
+        self.running_mean = bufs.param(f"{self.name}.running_mean")
+        self.running_var = bufs.param(f"{self.name}.running_var")
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(in_shape) != self.ndim or in_shape[0] != self.C:
             raise _shape_error(self.name, f"({self.C}, H, W)" if self.ndim == 3 else f"({self.C},)", in_shape)
         return tuple(in_shape)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (B, C, ...) -> y shaped as x; training: one Allreduce of [sum x, sum x², count] (float64)."""
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        """x (B, C, ...) -> (y shaped as x, saved); training: one ctx.dp_sum of [sum x, sum x², count]."""
         self.out_shape(x.shape[1:])
-        if not self.training:
-            y, self.xhat, self.rstd = batchnorm_forward_eval(x, self.running_mean, self.running_var,
-                                                             self.W, self.b, self.eps)
-            return y
+        if not ctx.training:
+            y, xhat, rstd = batchnorm_forward_eval(x, self.running_mean, self.running_var, self.W, self.b, self.eps)
+            return y, (xhat, rstd, 0)
         s, q, n = batchnorm_stats(x)
         packed = np.concatenate([s, q, [n]])
-        if self.allreduce_sum is not None:
-            self.allreduce_sum(packed)
+        if ctx.dp_sum is not None:
+            ctx.dp_sum(packed)
         C = self.C
-        self.count = int(round(packed[2 * C]))
-        y, self.xhat, self.rstd = batchnorm_forward_train(
-            x, packed[:C], packed[C:2 * C], self.count, self.W, self.b,
-            self.running_mean, self.running_var, self.momentum, self.eps)
-        return y
+        count = int(round(packed[2 * C]))
+        y, xhat, rstd = batchnorm_forward_train(x, packed[:C], packed[C:2 * C], count, self.W, self.b,
+                                                self.running_mean, self.running_var, self.momentum, self.eps)
+        return y, (xhat, rstd, count)
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool,
-                 accumulate: bool = False) -> np.ndarray | None:
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
         """dy shaped as x -> dweight, dbias (C,) written (added if accumulate): this rank's sums;
-        dx from the globally summed [sum dy, sum dy·xhat] (one Allreduce) when need_dx."""
-        s_dy, s_dyx = batchnorm_backward_sums(dy, self.xhat)
+        dx from the globally summed [sum dy, sum dy·xhat] (one ctx.dp_sum) when need_dx."""
+        xhat, rstd, count = saved
+        s_dy, s_dyx = batchnorm_backward_sums(dy, xhat)
         if accumulate:
             self.dW += s_dyx
             self.db += s_dy
@@ -554,14 +619,13 @@ class BatchNorm2d(_Affine):
             self.db[...] = s_dy
         if not need_dx:
             return None
-        if not self.training:
+        if count == 0:   # normalised with the running statistics: constants
             zero = np.zeros(self.C)
-            return batchnorm_backward_apply(dy, self.xhat, self.W, self.rstd, zero, zero, 1)
+            return batchnorm_backward_apply(dy, xhat, self.W, rstd, zero, zero, 1)
         packed = np.concatenate([s_dy, s_dyx])
-        if self.allreduce_sum is not None:
-            self.allreduce_sum(packed)
-        return batchnorm_backward_apply(dy, self.xhat, self.W, self.rstd, packed[:self.C],
-                                        packed[self.C:], self.count)
+        if ctx.dp_sum is not None:
+            ctx.dp_sum(packed)
+        return batchnorm_backward_apply(dy, xhat, self.W, rstd, packed[:self.C], packed[self.C:], count)
 
 
 class BatchNorm1d(BatchNorm2d):
@@ -603,33 +667,29 @@ def dropout_mask(shape: tuple[int, ...], p: float, seed: int, step: int, layer: 
 
 
 class Dropout(_NoParams):
-    """Inverted dropout over x (B, ...). The caller sets `step` (the optimizer step) and `first_row`
-    (the global index of this rank's first sample) before forward, or passes them to it; `training`
-    False: identity. `layer_index` keys the stream, so two dropout layers draw different masks."""
+    """Inverted dropout over x (B, ...), keyed by (seed, ctx.step, layer_index, ctx.first_row + r, element);
+    `ctx.training` False or p = 0: identity. `layer_index` keys the stream, so two dropout layers draw
+    different masks."""
 
     def __init__(self, name: str, p: float, layer_index: int, seed: int = 0):
         if not 0 <= p < 1:
             raise ValueError(f"{name}: dropout probability {p} not in [0, 1)")
         self.name, self.p, self.layer_index, self.seed = name, p, layer_index, seed
-        self.step, self.first_row = 0, 0
-        self.training = True
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(in_shape)
 
-    def forward(self, x: np.ndarray, step: int | None = None, first_row: int | None = None) -> np.ndarray:
-        if step is not None:
-            self.step = step
-        if first_row is not None:
-            self.first_row = first_row
-        if not self.training or self.p == 0:
-            return x
-        return dropout_forward(x, self.p, self.seed, self.step, self.layer_index, self.first_row)
+    def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out=None):
+        if not ctx.training or self.p == 0:
+            return x, None
+        return dropout_forward(x, self.p, self.seed, ctx.step, self.layer_index, ctx.first_row), (ctx.step, ctx.first_row)
 
-    def backward(self, x: np.ndarray, y: np.ndarray, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        """dy -> dx with the mask of the last forward's (step, first_row)."""
+    def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
+                 ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        """dy -> dx with the mask of the forward's (step, first_row) (recomputed, never stored)."""
         if not need_dx:
             return None
-        if not self.training or self.p == 0:
+        if saved is None:
             return dy
-        return dropout_backward(dy, self.p, self.seed, self.step, self.layer_index, self.first_row)
+        step, first_row = saved
+        return dropout_backward(dy, self.p, self.seed, step, self.layer_index, first_row)

@@ -32,7 +32,7 @@ class ParamSpec:
 
 
 class FlatParams:
-    def __init__(self, specs: list[ParamSpec], dtype=np.float32):
+    def __init__(self, specs: list[ParamSpec], dtype=np.float32, with_grad: bool = True):
         self.specs = list(specs)
         self.offsets: dict[str, int] = {}
         off = 0
@@ -44,7 +44,7 @@ class FlatParams:
         self.size = off
         self.dtype = np.dtype(dtype)
         self.data = memory.zeros(off, self.dtype)   # (n,) all parameters
-        self.grad = memory.zeros(off, self.dtype)   # (n,) their gradients
+        self.grad = memory.zeros(off, self.dtype) if with_grad else None   # (n,) their gradients
 
     def spec(self, key: str) -> ParamSpec:
         return self.specs[list(self.offsets).index(key)]

@@ -52,8 +52,9 @@ def check_memory(cfg: JobConfig, grid: "Grid", available: int | None = None) -> 
     node has free: refused with the numbers, before any allocation, rather than a MemoryError."""
     from .. import optim
 
-    w = cfg.model.layers
-    n = sum(w[i] * w[i + 1] + w[i + 1] for i in range(len(w) - 1))       # the whole model's parameters
+    from .. import modelspec
+
+    n = modelspec.from_config(cfg.model, cfg.source).n_params()           # the whole model's parameters
     per_rank = n / (grid.pp * grid.tp)                                   # a stage of tp blocks, roughly
     states = len(optim.build(cfg.optimizer, [(0, 1)], source=cfg.source).state_spec())
     item = 8 if cfg.model.dtype == "float64" else 4
@@ -61,7 +62,7 @@ def check_memory(cfg: JobConfig, grid: "Grid", available: int | None = None) -> 
     if available is None:
         available = _mem_available()
     if available is not None and need > available:
-        raise config.ConfigError(f"{cfg.source}: model.layers = {w} needs {need / 2**30:,.1f} GiB per rank "
+        raise config.ConfigError(f"{cfg.source}: the model needs {need / 2**30:,.1f} GiB per rank "
                                  f"({n:,} parameters, gradients and {states} optimizer state arrays), more than "
                                  f"the {available / 2**30:,.1f} GiB this node has free")
 
@@ -75,6 +76,13 @@ def _mem_available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def n_units(cfg: JobConfig) -> int:
+    """The model's top-level layers (a pipeline stage holds a run of them)."""
+    from .. import modelspec
+
+    return len(modelspec.from_config(cfg.model, cfg.source).units)
 
 
 def _update(cfg: JobConfig, params, grads, segments, **kw):
@@ -92,20 +100,20 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
     from .strategy import Sequential, Strategy
 
     p, comm = cfg.parallel, grid.dp_comm
-    part = Partition(cfg, grid, 0, len(cfg.model.layers) - 1)
+    part = Partition(cfg, grid, 0, n_units(cfg))
     f = part.flat
     executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
-    layer_names = [layer.name for layer in part.stage.layers]
+    unit_of = part.stage.unit_of
     if p.zero:
         from .zero import ReduceScatter, Shard
 
         shard = Shard(f, comm)
         update = _update(cfg, shard.params, shard.grad, shard.segments(), norm_comms=(comm,))
-        exchange = BucketedExchange(f, comm, layer_names, 0, p.bucket_mb, p.overlap,
+        exchange = BucketedExchange(f, comm, unit_of, 0, p.bucket_mb, p.overlap,
                                     lambda buckets: ReduceScatter(shard, buckets))
         return Strategy("data", part, executor, exchange, update, state_blocks=shard.blocks())
     codec = p.compression if comm.Get_size() > 1 else "none"
-    exchange = BucketedExchange(f, comm, layer_names, 0, p.bucket_mb, p.overlap, lambda buckets: compress.build(
+    exchange = BucketedExchange(f, comm, unit_of, 0, p.bucket_mb, p.overlap, lambda buckets: compress.build(
         codec, comm, [b.size for b in buckets], p.topk_density, f.dtype))
     return Strategy("data", part, executor, exchange, _update(cfg, f.data, f.grad, f.segments()))
 
@@ -120,7 +128,7 @@ def _model_parallel(cfg: JobConfig, grid: "Grid", global_batch: int):
     from .strategy import Sequential, Strategy
 
     p, name = cfg.parallel, cfg.parallel.strategy
-    bounds = stage_bounds(cfg, grid.pp) if name != "tensor" else [(0, len(cfg.model.layers) - 1)]
+    bounds = stage_bounds(cfg, grid.pp) if name != "tensor" else [(0, n_units(cfg))]
     lo, hi = bounds[grid.pp_rank]
     part = Partition(cfg, grid, lo, hi, bounds)
     f = part.flat
@@ -129,7 +137,7 @@ def _model_parallel(cfg: JobConfig, grid: "Grid", global_batch: int):
         executor = Sequential(part, p.micro_batches, micro_batch, global_batch)
     else:
         executor = PipelineExecutor(part, grid.pp_comm, p.schedule, p.micro_batches, micro_batch, global_batch)
-    exchange = BucketedExchange(f, grid.dp_comm, [layer.name for layer in part.stage.layers], lo, p.bucket_mb,
+    exchange = BucketedExchange(f, grid.dp_comm, part.stage.unit_of, lo, p.bucket_mb,
                                 p.overlap, lambda buckets: compress.build(
                                     "none", grid.dp_comm, [b.size for b in buckets], dtype=f.dtype))
     update = _update(cfg, f.data, f.grad, f.segments(), norm_comms=part.norm_comms(),
@@ -144,12 +152,12 @@ def _local_sgd(cfg: JobConfig, grid: "Grid", global_batch: int):
     from .strategy import Sequential, Strategy
 
     m, p, comm = cfg.model, cfg.parallel, grid.dp_comm
-    part = Partition(cfg, grid, 0, len(m.layers) - 1)
+    part = Partition(cfg, grid, 0, n_units(cfg), sync_batch_stats=False)   # replicas step alone
     f, local_batch = part.flat, global_batch // grid.dp
     update = _update(cfg, f.data, f.grad, f.segments(), agree_comm=comm)
     exchange = Averaging(f, comm, p.average_every, p.average_optimizer_state, lambda: update.state,
-                         lambda: Stage(m.layers, 0, len(m.layers) - 1, m.activation, m.loss, m.dtype,
-                                       cfg.run.seed, m.init))
+                         lambda: Stage(part.spec, 0, n_units(cfg), m.activation, m.loss, m.dtype, cfg.run.seed,
+                                       m.init), part.stage.buffers)
     return Strategy("local_sgd", part, Sequential(part, 1, local_batch, local_batch), exchange, update)
 
 
@@ -159,7 +167,7 @@ def _async(cfg: JobConfig, grid: "Grid", global_batch: int):
     from .strategy import Sequential
 
     comm = grid.dp_comm
-    part = Partition(cfg, grid, 0, len(cfg.model.layers) - 1)
+    part = Partition(cfg, grid, 0, n_units(cfg), sync_batch_stats=False)   # workers step alone
     f, local_batch = part.flat, global_batch // grid.dp
     update = _update(cfg, f.data, f.grad, f.segments(), keeps_state=comm.Get_rank() == SERVER)
     return AsyncParameterServer(part, Sequential(part, 1, local_batch, local_batch), update, comm,

@@ -53,6 +53,7 @@ class AsyncParameterServer(Strategy):
         # the server alone holds the optimizer state and writes the checkpoint (every rank loads it)
         self.param_blocks = partition.blocks(replicas=1, replica=0, writer=self.is_server)
         self.state_blocks = self.param_blocks
+        self.buffer_blocks = partition.buffer_blocks(replicas=1, replica=0, writer=self.is_server)
         self.max_staleness = max_staleness
         n, item = self.flat.size, self.dtype.itemsize
         self.n, self.width = n, n + HEADER_BYTES // item     # buffer: n values, then the header
@@ -91,11 +92,11 @@ class AsyncParameterServer(Strategy):
         self.version += 1
         self.update.step_with(grad, self.version, lr)
 
-    def serve_step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+    def serve_step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
         comm, n = self.comm, self.n
         for i, w in enumerate(self.workers):  # this step's push of every worker, whenever it comes
             self.recv_reqs[i] = comm.Irecv(self.grad_in[i], source=w, tag=GRAD)
-        loss_sum = self.executor.run(x, labels)
+        loss_sum = self.executor.run(x, labels, None, t)
         norm, finite = self.update.clip()
         self.apply(None, self.version, finite, lr)
         for _ in self.workers:
@@ -130,9 +131,9 @@ class AsyncParameterServer(Strategy):
         if newest is not None:
             self.adopt(self.recv_buf[newest])
 
-    def work_step(self, x: np.ndarray, labels: np.ndarray) -> StepResult:
+    def work_step(self, x: np.ndarray, labels: np.ndarray, t: int) -> StepResult:
         self.take_replies(keep=self.max_staleness)
-        loss_sum = self.executor.run(x, labels)  # this slice's MEAN gradient
+        loss_sum = self.executor.run(x, labels, None, t)  # this slice's MEAN gradient
         norm, finite = self.update.clip()
         slot = self.pushes % len(self.send_buf)  # push (pushes - slots) used it; its reply has come
         self.send_reqs[slot].Wait()
@@ -149,7 +150,7 @@ class AsyncParameterServer(Strategy):
     # -- the contract ------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
         self.logged_steps += 1
-        return self.serve_step(x, labels, lr) if self.is_server else self.work_step(x, labels)
+        return self.serve_step(x, labels, t, lr) if self.is_server else self.work_step(x, labels, t)
 
     def drain(self) -> None:
         """Complete every message in flight (both sides only wait for sends already posted)."""
@@ -165,6 +166,8 @@ class AsyncParameterServer(Strategy):
         self.comm.Bcast(self.eval_buf, root=SERVER)
         if not self.is_server:
             self.adopt(self.eval_buf)
+        if self.stage.buffers.size:   # batch norm's running statistics: the server's (from its own slices)
+            self.comm.Bcast(self.stage.buffers.data, root=SERVER)
 
     def checkpoint_pieces(self):
         """The server writes every row of every dataset (it alone holds the optimizer state)."""

@@ -64,15 +64,14 @@ class BucketedExchange(Exchange):
     compress.py's codecs; a codec with `solo = True` still runs on a world of one (ZeRO's copy into
     its shard), the others are skipped there."""
 
-    def __init__(self, flat, comm: MPI.Comm, layer_names: list[str], first_layer: int, bucket_mb: float,
+    def __init__(self, flat, comm: MPI.Comm, unit_of: dict[str, int], first_layer: int, bucket_mb: float,
                  overlap: bool, make_codec):
-        """layer_names[j]: the name of the layer with model index first_layer + j (forward order);
-        make_codec(buckets): the codec for these buckets."""
+        """unit_of[name]: the model index of the unit holding layer `name` (Stage.unit_of); first_layer:
+        the stage's first unit; make_codec(buckets): the codec for these buckets."""
         super().__init__()
         self.flat, self.comm = flat, comm
         self.first_layer = first_layer
-        self.buckets = grad_buckets(flat, {name: first_layer + j for j, name in enumerate(layer_names)},
-                                    bucket_mb * 2**20)
+        self.buckets = grad_buckets(flat, unit_of, bucket_mb * 2**20)
         self.bucket_of_layer = {b.ready_layer: k for k, b in enumerate(self.buckets)}
         self.overlap = overlap and comm.Get_size() > 1
         self.codec = make_codec(self.buckets)

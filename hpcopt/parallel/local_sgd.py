@@ -28,7 +28,7 @@ class Averaging(Exchange):
     """The local-SGD exchange: nothing per step; the replicas averaged every `every` updates."""
 
     def __init__(self, flat, comm: MPI.Comm, every: int, average_state: bool,
-                 state: Callable[[], dict[str, np.ndarray]], make_stage: Callable[[], object]):
+                 state: Callable[[], dict[str, np.ndarray]], make_stage: Callable[[], object], buffers=None):
         """state(): the optimizer state arrays (host); make_stage(): a fresh copy of the replica's Stage,
         into which evaluation averages the parameters."""
         super().__init__()
@@ -36,6 +36,7 @@ class Averaging(Exchange):
         self.N = comm.Get_size()
         self.every, self.average_state = every, average_state
         self.state, self.make_stage = state, make_stage
+        self.buffers = buffers        # FlatParams of batch norm's running statistics (averaged with the parameters)
         self.in_sync = True           # replicas equal (start, restore, right after an average)
         self.eval_stage = None        # the average of the replicas, for evaluation
         self.logged_bytes = self.logged_steps = 0
@@ -49,6 +50,8 @@ class Averaging(Exchange):
     def average_replicas(self, state: bool) -> None:
         if self.N > 1:
             self.average(self.flat.data)
+            if self.buffers is not None and self.buffers.size:
+                self.average(self.buffers.data)
             if state:
                 for a in self.state().values():
                     self.average(a)
@@ -72,6 +75,9 @@ class Averaging(Exchange):
             self.eval_stage = self.make_stage()
         self.comm.Allreduce(self.flat.data, self.eval_stage.flat.data, op=MPI.SUM)
         self.eval_stage.flat.data *= self.flat.dtype.type(1.0 / self.N)
+        if self.buffers is not None and self.buffers.size:
+            self.comm.Allreduce(self.buffers.data, self.eval_stage.buffers.data, op=MPI.SUM)
+            self.eval_stage.buffers.data *= 1.0 / self.N
         return self.eval_stage
 
     def before_checkpoint(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .. import checkpoint
+from .. import checkpoint, modelspec
 from ..comm import Grid
 from ..config import JobConfig
 from ..nn.stage import Stage
@@ -20,27 +20,31 @@ from .tensor import layer_splits
 
 
 def global_specs(widths: list[int]) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, global shape) of every tensor of the whole model, in the unsplit model's buffer order:
-    the datasets of a checkpoint, listed alike by every rank."""
-    out = []
-    for i in reversed(range(len(widths) - 1)):
-        out += [(f"dense{i}.weight", (widths[i], widths[i + 1])), (f"dense{i}.bias", (widths[i + 1],))]
-    return out
+    """(key, global shape) of every tensor of the MLP `widths`, in the unsplit model's buffer order."""
+    return modelspec.tensors(modelspec.from_widths(widths))
 
 
 class Partition:
-    """Layers [lo, hi) of the model on this rank, split over tp_comm, replicated over dp_comm."""
+    """Units [lo, hi) of the model on this rank, split over tp_comm, replicated over dp_comm.
+    sync_batch_stats: batch norm sums its statistics over dp_comm (the replicas step together)."""
 
-    def __init__(self, cfg: JobConfig, grid: Grid, lo: int, hi: int, bounds: list[tuple[int, int]] | None = None):
+    def __init__(self, cfg: JobConfig, grid: Grid, lo: int, hi: int, bounds: list[tuple[int, int]] | None = None,
+                 sync_batch_stats: bool = True):
         m = cfg.model
         self.grid = grid
+        self.spec = modelspec.from_config(m, cfg.source)
         self.bounds = bounds or [(lo, hi)]   # every stage's [lo, hi) (one stage unless a pipeline)
-        self.splits = layer_splits(len(m.layers) - 1, grid.tp)
-        self.stage = Stage(m.layers, lo, hi, m.activation, m.loss, m.dtype, cfg.run.seed, m.init,
+        self.splits = layer_splits(len(self.spec.units), grid.tp)
+        self.stage = Stage(self.spec, lo, hi, m.activation, m.loss, m.dtype, cfg.run.seed, m.init,
                            self.splits, grid.tp, grid.tp_rank)
         self.flat = self.stage.flat
-        self.global_specs = global_specs(m.layers)
+        self.global_specs = modelspec.tensors(self.spec)
+        self.global_buffers = modelspec.buffers(self.spec)
         self.reports_loss = self.stage.is_last and grid.tp_rank == 0  # one rank per dp replica
+        self.dp_sum = self._dp_sum if sync_batch_stats and grid.dp > 1 else None
+
+    def _dp_sum(self, a: np.ndarray) -> None:
+        self.grid.dp_comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
 
     @property
     def dtype(self) -> np.dtype:
@@ -77,6 +81,15 @@ class Partition:
             off = f.offsets[k]
             out[k] = checkpoint.Block(k, layer.block(which), off, off + f.spec(k).size, r, i, writer)
         return out
+
+    def buffer_blocks(self, replicas: int | None = None, replica: int | None = None,
+                      writer: bool = True) -> dict[str, checkpoint.Block]:
+        """key -> the block of a buffer (batch norm's running statistics, whole on every rank that holds
+        its layer) in stage.buffers; the same overrides as blocks()."""
+        g, b = self.grid, self.stage.buffers
+        dp, dp_rank = (g.dp, g.dp_rank) if replicas is None else (replicas, replica)
+        return {k: checkpoint.Block(k, (slice(0, b.spec(k).shape[0]),), b.offsets[k], b.offsets[k] + b.spec(k).size,
+                                    dp * g.tp, dp_rank * g.tp + g.tp_rank, writer) for k in b.keys()}
 
     def global_shape(self, key: str) -> tuple[int, ...]:
         layer = self.stage.layer(key)

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import modelspec
 from ..config import JobConfig
+from ..nn.layers import Ctx
 from .schedule import TAG_EVAL, StageStats, build_schedule, buffer_slots, run_stage, slots_are_safe, tag
 
 
 # -- stages ------------------------------------------------------------------------------------
-def layer_costs(widths: list[int], balance: str) -> list[int]:
-    """Per layer: parameters, or FLOPs per sample of forward + backward (GEMMs 6·n_in·n_out, bias and
-    activation 4·n_out, the loss ~5·n_out on the last)."""
-    n = len(widths) - 1
+def layer_costs(model, balance: str) -> list[int]:
+    """Per unit of the model (a modelspec.Spec, or MLP widths): parameters, or FLOPs per sample of
+    forward + backward (GEMMs and convolutions 6 per weight use, elementwise work a few per value, the
+    loss ~5 per output on the last)."""
+    spec = model if isinstance(model, modelspec.Spec) else modelspec.from_widths(list(model))
     if balance == "params":
-        return [widths[i] * widths[i + 1] + widths[i + 1] for i in range(n)]
-    return [6 * widths[i] * widths[i + 1] + 4 * widths[i + 1] + (5 * widths[i + 1] if i == n - 1 else 0)
-            for i in range(n)]
+        return [spec.params_of(u) for u in spec.units]
+    costs = [spec.flops_of(u) for u in spec.units]
+    costs[-1] += 5 * int(np.prod(spec.output))
+    return costs
 
 
 def partition(costs: list[int], stages: int) -> list[tuple[int, int]]:
@@ -53,7 +57,7 @@ def stage_bounds(cfg: JobConfig, stages: int) -> list[tuple[int, int]]:
     checked against the layers by config.validate_layout)."""
     given = cfg.parallel.stage_layers
     if not given:
-        return partition(layer_costs(cfg.model.layers, cfg.parallel.balance), stages)
+        return partition(layer_costs(modelspec.from_config(cfg.model, cfg.source), cfg.parallel.balance), stages)
     ends = np.cumsum(given).tolist()
     return [(e - c, e) for c, e in zip(given, ends)]
 
@@ -73,28 +77,29 @@ class PipelineExecutor:
         assert slots_are_safe(self.actions, self.slots)
         self.prev, self.next = s - 1, s + 1
         mb, st, dt = micro_batch, self.stage, self.stage.dtype
-        # preallocated per slot: received input, each layer's output, the output's gradient, the input's
-        self.acts = [[np.empty((mb, layer.n_out), dt) for layer in st.layers] for _ in range(self.slots)]
-        self.inputs = [np.empty((mb, st.in_width), dt) if not st.is_first else None for _ in range(self.slots)]
-        self.douts = [np.empty((mb, st.out_width), dt) for _ in range(self.slots)]
-        self.dxs = [np.empty((mb, st.in_width), dt) if not st.is_first else None for _ in range(self.slots)]
+        # preallocated per slot: received input, each dense layer's output, the output's gradient, the input's
+        self.acts = [st.output_buffers(mb) for _ in range(self.slots)]
+        self.inputs = [np.empty((mb, *st.in_shape), dt) if not st.is_first else None for _ in range(self.slots)]
+        self.douts = [np.empty((mb, *st.out_shape), dt) for _ in range(self.slots)]
+        self.dxs = [np.empty((mb, *st.in_shape), dt) if not st.is_first else None for _ in range(self.slots)]
+        self.first_row = partition.grid.dp_rank * micro_batches * micro_batch   # this replica's rows
         self.last_stats: StageStats | None = None
 
-    def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None) -> float:
+    def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None, step: int = 0) -> float:
         """This stage's part of one step; returns its loss contribution (the last stage's, tp rank 0)."""
-        work = _StepWork(self, x, labels, on_layer_done)
+        work = _StepWork(self, x, labels, on_layer_done, step)
         self.last_stats = run_stage(self.actions, work, self.comm, self.prev, self.next)
         return work.loss if self.partition.reports_loss else 0.0
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> tuple[float, int]:
         """The whole chunk through the stages in turn (no micro-batches, no stored activations)."""
-        st, tp_sum = stage or self.stage, self.partition.tp_sum
+        st = stage or self.stage
         if st.is_first:
             h = np.ascontiguousarray(x, dtype=st.dtype)
         else:
-            h = np.empty((len(x), st.in_width), st.dtype)
+            h = np.empty((len(x), *st.in_shape), st.dtype)
             self.comm.Recv(h, source=self.prev, tag=tag(TAG_EVAL, 0))
-        out = st.forward(h, tp_sum=tp_sum)[-1]
+        out = st.forward(h, ctx=Ctx(self.partition.tp_sum, training=False))[-1]
         if not st.is_last:
             self.comm.Send(out, dest=self.next, tag=tag(TAG_EVAL, 0))
             return 0.0, 0
@@ -112,40 +117,51 @@ class PipelineExecutor:
 
 class _StepWork:
     """What the runner calls during one step: the buffers it hands to MPI and the compute, over the
-    executor's slots (micro-batch k uses slot k mod slots) and this step's batch."""
+    executor's slots (micro-batch k uses slot k mod slots) and this step's batch. A layer that makes its
+    own output (any but dense) hands over that array: kept here until its message is posted."""
 
-    def __init__(self, ex: PipelineExecutor, x: np.ndarray, labels: np.ndarray, on_layer_done):
-        self.ex, self.labels, self.on_layer_done = ex, labels, on_layer_done
+    def __init__(self, ex: PipelineExecutor, x: np.ndarray, labels: np.ndarray, on_layer_done, step: int):
+        self.ex, self.labels, self.on_layer_done, self.step = ex, labels, on_layer_done, step
         self.x = np.ascontiguousarray(x, dtype=ex.stage.dtype) if ex.stage.is_first else None
         self.held: dict[int, list[np.ndarray]] = {}   # micro-batch -> its stored activations
+        self.out: dict[int, np.ndarray] = {}          # micro-batch -> its output / input gradient, to send
+        self.dx: dict[int, np.ndarray] = {}
         self.loss, self.accumulate = 0.0, False
+
+    def ctx(self, k: int) -> Ctx:
+        ex = self.ex
+        return Ctx(ex.partition.tp_sum, ex.partition.dp_sum, True, self.step, ex.first_row + k * ex.micro_batch)
 
     def act_in(self, k: int) -> np.ndarray:
         return self.ex.inputs[k % self.ex.slots]
 
     def act_out(self, k: int) -> np.ndarray:
-        return self.ex.acts[k % self.ex.slots][-1]
+        return self.out.pop(k)
 
     def grad_in(self, k: int) -> np.ndarray:
         return self.ex.douts[k % self.ex.slots]
 
     def grad_out(self, k: int) -> np.ndarray:
-        return self.ex.dxs[k % self.ex.slots]
+        return self.dx.pop(k)
 
     def forward(self, k: int) -> None:
         ex = self.ex
         slot, mb, st = k % ex.slots, ex.micro_batch, ex.stage
         x = self.x[k * mb:(k + 1) * mb] if st.is_first else ex.inputs[slot]
-        acts = st.forward(x, ex.acts[slot], ex.partition.tp_sum)
+        acts = st.forward(x, ex.acts[slot], ctx=self.ctx(k))
         if st.is_last:
             self.loss += st.loss(acts[-1], self.labels[k * mb:(k + 1) * mb], ex.global_batch, ex.douts[slot])
+        else:
+            self.out[k] = acts[-1]
         self.held[k] = acts
 
     def backward(self, k: int) -> None:
         ex = self.ex
         slot = k % ex.slots
         last = k == ex.micro_batches - 1  # backwards run in micro-batch order in every schedule
-        ex.stage.backward(self.held.pop(k), ex.douts[slot], need_dx=not ex.stage.is_first,
-                          accumulate=self.accumulate, dx_out=ex.dxs[slot], tp_sum=ex.partition.tp_sum,
-                          on_layer_done=self.on_layer_done if last else None)
+        dx = ex.stage.backward(self.held.pop(k), ex.douts[slot], need_dx=not ex.stage.is_first,
+                               accumulate=self.accumulate, dx_out=ex.dxs[slot], ctx=self.ctx(k),
+                               on_layer_done=self.on_layer_done if last else None)
+        if dx is not None:
+            self.dx[k] = dx
         self.accumulate = True

@@ -12,7 +12,7 @@
 
 The Trainer owns the loop, data, metrics, evaluation bookkeeping, signals and when to checkpoint; it
 calls only the methods below, on every rank, in the same order:
-    step(x, labels, t, lr) -> StepResult   x, labels: this rank's dp slice of the global batch;
+    step(x, labels, t, lr) -> StepResult   x, labels: this rank's dp slice of the global batch (rows);
                                            t: 1-based index of the update if applied; lr: after schedule
     prepare_evaluate()                     collective, before each evaluation
     evaluate(x, labels) -> (loss_sum, n_correct)   contributions that SUM over the world to the totals
@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..errors import DataError
+from ..nn.layers import Ctx
 
 
 @dataclass
@@ -69,29 +70,33 @@ class Exchange:
 class Sequential:
     """Micro-batches one after another on this rank's partition (gradient accumulation; one for data
     parallel). scale: the loss gradient's 1 / scale (the global batch, or the local batch when each
-    rank steps on the MEAN gradient of its own slice)."""
+    rank steps on the MEAN gradient of its own slice). This rank's rows are rows
+    [dp_rank · rows, (dp_rank + 1) · rows) of the global batch (dropout's stream is keyed by them)."""
 
     def __init__(self, partition, micro_batches: int, micro_batch: int, scale: int):
         self.partition, self.stage = partition, partition.stage
         self.micro_batches, self.micro_batch, self.scale = micro_batches, micro_batch, scale
+        self.first_row = partition.grid.dp_rank * micro_batches * micro_batch
 
-    def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None) -> float:
-        st, tp_sum, mb = self.stage, self.partition.tp_sum, self.micro_batch
+    def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None, step: int = 0) -> float:
+        st, part, mb = self.stage, self.partition, self.micro_batch
         x = np.ascontiguousarray(x, dtype=st.dtype)
         loss_sum = 0.0
         for k in range(self.micro_batches):
             rows = slice(k * mb, (k + 1) * mb)
-            acts = st.forward(x[rows], tp_sum=tp_sum)                 # [x (mb, n0), ..., out (mb, nL)]
+            ctx = Ctx(part.tp_sum, part.dp_sum, True, step, self.first_row + k * mb)
+            acts = st.forward(x[rows], ctx=ctx)                       # [x, ..., out (mb, outputs)]
             dout = np.empty_like(acts[-1])
             loss_sum += st.loss(acts[-1], labels[rows], self.scale, dout)
             last = k == self.micro_batches - 1  # the backward that leaves the gradients final
-            st.backward(acts, dout, need_dx=False, accumulate=k > 0, tp_sum=tp_sum,
+            st.backward(acts, dout, need_dx=False, accumulate=k > 0, ctx=ctx,
                         on_layer_done=on_layer_done if last else None)
         return loss_sum if self.partition.reports_loss else 0.0
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> tuple[float, int]:
         st = stage or self.stage
-        out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), tp_sum=self.partition.tp_sum)[-1]
+        ctx = Ctx(self.partition.tp_sum, training=False)
+        out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), ctx=ctx)[-1]
         loss_sum, correct = st.score(out, labels)
         return (loss_sum, correct) if self.partition.reports_loss else (0.0, 0)
 
@@ -111,6 +116,7 @@ class Strategy:
         self.stage = partition.stage
         self.param_blocks = partition.blocks()
         self.state_blocks = state_blocks if state_blocks is not None else self.param_blocks
+        self.buffer_blocks = partition.buffer_blocks()
         self.eval_stage = None
 
     @property
@@ -120,7 +126,7 @@ class Strategy:
     # -- one step --------------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray, t: int, lr: float) -> StepResult:
         hook = self.exchange.layer_done_hook()
-        loss_sum = self.executor.run(x, labels, hook)
+        loss_sum = self.executor.run(x, labels, hook, t)
         self.exchange.reduce()
         norm, applied = self.update.apply(t, lr)
         self.exchange.after_update(t, applied)
@@ -146,8 +152,10 @@ class Strategy:
         arrays = [("params", self.flat.data, self.param_blocks, self.dtype)]
         arrays += [(f"optim/{s}", host.get(s), self.state_blocks if s in host else {}, np.float32)
                    for s in self.update.state_names]
-        return [checkpoint.piece(prefix, key, shape, blocks.get(key), buf, dtype)
-                for prefix, buf, blocks, dtype in arrays for key, shape in self.partition.global_specs]
+        pieces = [checkpoint.piece(prefix, key, shape, blocks.get(key), buf, dtype)
+                  for prefix, buf, blocks, dtype in arrays for key, shape in self.partition.global_specs]
+        return pieces + [checkpoint.piece("buffers", key, shape, self.buffer_blocks.get(key), self.stage.buffers.data,
+                                          np.float64) for key, shape in self.partition.global_buffers]
 
     def restore(self, path: str, ckpt: checkpoint.Checkpoint, load_state: bool = True) -> list[str]:
         """Load this rank's blocks of the global arrays: any layout that wrote them loads here.
@@ -163,6 +171,10 @@ class Strategy:
                 raise DataError(f"{path}: /{checkpoint.dataset_name('params', k)} has shape {ckpt.params[k].shape}, "
                                 f"the model needs {shape}")
             checkpoint.restore_block(ckpt.params[k], b, self.flat.data)
+        for k, b in self.partition.buffer_blocks().items():
+            if k not in ckpt.buffers:
+                raise DataError(f"{path}: missing dataset /{checkpoint.dataset_name('buffers', k)}")
+            checkpoint.restore_block(ckpt.buffers[k], b, self.stage.buffers.data)
         self.update.params_changed()
         self.exchange.after_restore()
         if not same_optimizer:

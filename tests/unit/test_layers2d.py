@@ -11,6 +11,7 @@ from hpcopt.nn.layers2d import (AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Con
                                 GlobalAvgPool, LayerNorm, MaxPool2d, batchnorm_backward_apply,
                                 batchnorm_backward_sums, batchnorm_forward_train, batchnorm_stats,
                                 dropout_forward, dropout_mask)
+from hpcopt.nn.layers import EVAL, TRAIN, Ctx
 from hpcopt.nn.params import FlatParams
 
 
@@ -25,17 +26,17 @@ def bind(layer, dtype, rng=None):
     return flat
 
 
-def finite_difference_check(layer, x, rng, h=1e-6):
+def finite_difference_check(layer, x, rng, h=1e-6, ctx=TRAIN):
     """Loss L = sum(y · R) for a fixed random R, so dy = R. Compares backward's dx and parameter
     gradients with central differences over every input and parameter element."""
     flat = bind(layer, np.float64, rng)
-    y = layer.forward(x)
+    y, saved = layer.forward(x, ctx)
     R = rng.standard_normal(y.shape)
-    dx = layer.backward(x, y, R.copy(), True)
+    dx = layer.backward(saved, R.copy(), True, ctx=ctx)
     analytic_p = flat.grad.copy()
 
     def loss():
-        return float(np.sum(layer.forward(x) * R))
+        return float(np.sum(layer.forward(x, ctx)[0] * R))
 
     numeric_p = np.empty(flat.size)
     for i in range(flat.size):
@@ -100,20 +101,18 @@ def test_layernorm_gradcheck():
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm_gradcheck(layer, shape, training):
     rng = np.random.default_rng(5)
-    layer.training = training
     layer.running_mean[:] = rng.standard_normal(layer.C)
     layer.running_var[:] = rng.uniform(0.5, 2, layer.C)
     momentum = layer.momentum
     layer.momentum = 0.0   # the many forwards of the check would otherwise move the eval statistics
-    finite_difference_check(layer, rng.standard_normal(shape) * 1.5 + 0.5, rng)
+    finite_difference_check(layer, rng.standard_normal(shape) * 1.5 + 0.5, rng, ctx=TRAIN if training else EVAL)
     layer.momentum = momentum
 
 
 def test_dropout_gradcheck():
     rng = np.random.default_rng(6)
     layer = Dropout("drop", 0.4, layer_index=2, seed=9)
-    layer.step, layer.first_row = 7, 100
-    finite_difference_check(layer, rng.standard_normal((5, 3, 4)), rng)
+    finite_difference_check(layer, rng.standard_normal((5, 3, 4)), rng, ctx=Ctx(step=7, first_row=100))
 
 
 # ---------------------------------------------------------------- float32 against PyTorch
@@ -138,8 +137,8 @@ def test_conv2d_matches_torch(stride, padding, dilation):
     flat.data[:] = rng.standard_normal(flat.size).astype(np.float32) * 0.3
     x = rng.standard_normal((4, 5, 12, 11)).astype(np.float32)
     dy = rng.standard_normal((4, *layer.out_shape(x.shape[1:]))).astype(np.float32)
-    y = layer.forward(x)
-    dx = layer.backward(x, y, dy, True)
+    y, saved = layer.forward(x)
+    dx = layer.backward(saved, dy.copy(), True)
     xt, wt, bt = torch_leaf(x), torch_leaf(layer.W.copy()), torch_leaf(layer.b.copy())
     yt = torch.relu(F.conv2d(xt, wt, bt, stride, padding, dilation))
     yt.backward(torch.tensor(dy))
@@ -156,9 +155,9 @@ def test_conv1d_matches_torch():
     layer.init(np.random.default_rng(0), "xavier")
     x = rng.standard_normal((3, 4, 40)).astype(np.float32)
     assert layer.W.shape == (6, 4, 5)
-    y = layer.forward(x)
+    y, saved = layer.forward(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dx = layer.backward(x, y, dy, True)
+    dx = layer.backward(saved, dy.copy(), True)
     xt, wt, bt = torch_leaf(x), torch_leaf(layer.W.copy()), torch_leaf(layer.b.copy())
     yt = torch.tanh(F.conv1d(xt, wt, bt, 2, 2, 1))
     yt.backward(torch.tensor(dy))
@@ -180,10 +179,10 @@ def test_conv1d_matches_torch():
 def test_pooling_matches_torch(layer, ref):
     rng = np.random.default_rng(12)
     x = rng.standard_normal((3, 4, 9, 10)).astype(np.float32)
-    y = layer.forward(x)
+    y, saved = layer.forward(x)
     assert y.shape == (3, *layer.out_shape(x.shape[1:]))
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dx = layer.backward(x, y, dy, True)
+    dx = layer.backward(saved, dy.copy(), True)
     xt = torch_leaf(x)
     yt = ref(xt)
     yt.backward(torch.tensor(dy))
@@ -199,8 +198,8 @@ def test_layernorm_matches_torch():
     layer.b[...] = rng.standard_normal(layer.shape)
     x = (rng.standard_normal((3, 4, 6, 5)) * 3 + 2).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    y = layer.forward(x)
-    dx = layer.backward(x, y, dy, True)
+    y, saved = layer.forward(x)
+    dx = layer.backward(saved, dy.copy(), True)
     xt, wt, bt = torch_leaf(x), torch_leaf(layer.W.copy()), torch_leaf(layer.b.copy())
     yt = F.layer_norm(xt, (4, 6, 5), wt, bt, eps=1e-5)
     yt.backward(torch.tensor(dy))
@@ -221,8 +220,8 @@ def test_batchnorm_matches_torch(cls, shape):
     layer.running_mean[:], layer.running_var[:] = rm, rv
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    y = layer.forward(x)
-    dx = layer.backward(x, y, dy, True)
+    y, saved = layer.forward(x)
+    dx = layer.backward(saved, dy.copy(), True)
     xt, wt, bt = torch_leaf(x), torch_leaf(layer.W.copy()), torch_leaf(layer.b.copy())
     rmt, rvt = torch.tensor(rm, dtype=torch.float32), torch.tensor(rv, dtype=torch.float32)
     yt = F.batch_norm(xt, rmt, rvt, wt, bt, training=True, momentum=0.1, eps=1e-5)
@@ -235,8 +234,7 @@ def test_batchnorm_matches_torch(cls, shape):
     np.testing.assert_allclose(layer.running_mean, rmt.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(layer.running_var, rvt.numpy(), rtol=1e-5, atol=1e-6)
     # eval mode uses the running statistics
-    layer.training = False
-    ye = layer.forward(x)
+    ye, _ = layer.forward(x, EVAL)
     close(ye, F.batch_norm(torch.tensor(x), rmt, rvt, wt.detach(), bt.detach(), training=False, eps=1e-5))
 
 
@@ -301,15 +299,16 @@ def test_sync_batchnorm_layers_over_two_ranks_equal_one():
     dy = rng.standard_normal(x.shape)
 
     def make(allreduce=None):
-        layer = BatchNorm2d("bn", 3, allreduce_sum=allreduce)
+        layer = BatchNorm2d("bn", 3)
+        layer.ctx = Ctx(dp_sum=allreduce)
         bind(layer, np.float64)
         layer.W[...] = [0.5, 1.5, -2.0]
         layer.b[...] = [0.1, 0.2, 0.3]
         return layer
 
     whole = make()
-    y = whole.forward(x)
-    dx = whole.backward(x, y, dy, True)
+    y, saved = whole.forward(x, whole.ctx)
+    dx = whole.backward(saved, dy.copy(), True, ctx=whole.ctx)
 
     comm = ThreadAllreduce(2)
     ranks = [make(comm.for_rank(r)) for r in range(2)]
@@ -318,8 +317,8 @@ def test_sync_batchnorm_layers_over_two_ranks_equal_one():
 
     def run(r):
         layer, h = ranks[r], halves[r]
-        yr = layer.forward(x[h])
-        results[r] = (yr, layer.backward(x[h], yr, dy[h], True))
+        yr, sr = layer.forward(x[h], layer.ctx)
+        results[r] = (yr, layer.backward(sr, dy[h].copy(), True, ctx=layer.ctx))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -370,12 +369,11 @@ def test_dropout_keep_fraction_and_streams():
 def test_dropout_layer_backward_uses_the_forward_mask():
     layer = Dropout("d", 0.5, layer_index=3, seed=1)
     x = np.random.default_rng(1).standard_normal((6, 10))
-    y = layer.forward(x, step=5, first_row=12)
+    y, saved = layer.forward(x, Ctx(step=5, first_row=12))
     dy = np.ones_like(x)
-    dx = layer.backward(x, y, dy, True)
+    dx = layer.backward(saved, dy, True, ctx=Ctx(step=99, first_row=0))   # the forward's mask, not ctx's
     np.testing.assert_array_equal(dx, (y != 0) * 2.0)
-    layer.training = False
-    assert layer.forward(x) is x
+    assert layer.forward(x, EVAL)[0] is x
 
 
 # ---------------------------------------------------------------- interface details
@@ -408,9 +406,9 @@ def test_init_schemes_and_accumulate():
     assert (ln.W == 1).all() and (ln.b == 0).all()
     # a second micro-batch with accumulate adds its gradients
     x = np.random.default_rng(1).standard_normal((2, 16, 6, 6))
-    y = conv.forward(x)
+    y, saved = conv.forward(x)
     dy = np.ones_like(y)
-    conv.backward(x, y, dy, False)
+    conv.backward(saved, dy, False)
     once = flat.grad.copy()
-    conv.backward(x, y, dy, False, accumulate=True)
+    conv.backward(saved, dy, False, accumulate=True)
     np.testing.assert_allclose(flat.grad, 2 * once, rtol=1e-14)
