@@ -1,8 +1,9 @@
-"""One training step of the MLP 784-1024-1024-10 (batch 256, Adam) in one process, vs PyTorch CPU.
+"""One training step in one process, vs PyTorch CPU: the MLP 784-1024-1024-10 (batch 256, Adam), or
+with `--model cnn` a residual CNN on 16x32x32 inputs (batch 64, Adam; CNN below).
 
 Both sides run forward, backward and the optimizer update on the same in-memory batch, with the same
 thread count; PyTorch uses `torch.optim.Adam(fused=True)`. Reported: samples/s (median over repeats)
-and the ratio hpcopt / PyTorch (target >= 1.0).
+and the ratio hpcopt / PyTorch (target >= 1.0). The convolution kernels alone: `hpcopt bench conv`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,38 @@ def torch_mlp(torch, widths: list[int]):
     return torch.nn.Sequential(*layers)
 
 
+# The benchmark CNN (model.input, model.layer): conv -> BN -> ReLU, a residual block of two such
+# convolutions, global average pooling, a dense classifier; batch norm in training mode on both sides.
+CNN_INPUT = "[16, 32, 32]"
+CNN = ('[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm"}, {type="activation", function="relu"},'
+       ' {type="residual", layers=[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm"},'
+       ' {type="activation", function="relu"}, {type="conv2d", channels=16, kernel=3, padding=1},'
+       ' {type="batchnorm"}]}, {type="activation", function="relu"}, {type="global_avgpool"},'
+       ' {type="dense", units=10}]')
+
+
+def torch_cnn(torch):
+    """The peer of CNN, module for module."""
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+
+        def forward(self, x):
+            return self.body(x) + x
+
+    return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), Block(), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 def add_arguments(p) -> None:
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                   help="mlp: the MLP of --layers; cnn: a residual CNN on 16x32x32 inputs (batch 64 unless --batch)")
     p.add_argument("--layers", default="784,1024,1024,10", help="MLP widths (default 784,1024,1024,10)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=0, help="default 256 (mlp), 64 (cnn)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
 
@@ -42,11 +72,17 @@ def _time_steps(step, steps: int, repeats: int) -> list[float]:
 
 
 def hpcopt_step(widths, batch, x, y):
+    """widths: MLP widths, or "cnn"."""
+    from .. import config, modelspec
     from ..config import OptimizerConfig
-    from ..nn import MLP
+    from ..nn import MLP, Model
     from ..parallel.update import Update
 
-    model = MLP(widths, "relu", "softmax_ce", "float32", seed=0)
+    if widths == "cnn":
+        cfg = config.load(None, [f"model.input={CNN_INPUT}", f"model.layer={CNN}"])
+        model = Model(modelspec.from_config(cfg.model, "bench"))
+    else:
+        model = MLP(widths, "relu", "softmax_ce", "float32", seed=0)
     f = model.flat
     update = Update(OptimizerConfig(name="adam", lr=1e-3), f.data, f.grad, f.segments())
     t = [0]
@@ -63,7 +99,7 @@ def torch_step(widths, batch, x, y, threads):
     import torch
 
     torch.set_num_threads(threads)
-    model = torch_mlp(torch, widths)
+    model = torch_cnn(torch) if widths == "cnn" else torch_mlp(torch, widths)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -80,12 +116,20 @@ def run(args) -> list[dict]:
     import numba
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    widths = [int(w) for w in args.layers.split(",")]
     rng = np.random.default_rng(0)
-    x = rng.random((args.batch, widths[0]), dtype=np.float32)
-    y = rng.integers(0, widths[-1], args.batch)
+    if args.model == "cnn":
+        widths, batch = "cnn", args.batch or 64
+        x = rng.standard_normal((batch, 16, 32, 32), dtype=np.float32)
+        y = rng.integers(0, 10, batch)
+        name = f"train step residual CNN 16x32x32 batch {batch} adam"
+    else:
+        widths, batch = [int(w) for w in args.layers.split(",")], args.batch or 256
+        x = rng.random((batch, widths[0]), dtype=np.float32)
+        y = rng.integers(0, widths[-1], batch)
+        name = f"train step MLP {args.layers} batch {batch} adam"
+    args.batch = batch
     ours = statistics.median(_time_steps(hpcopt_step(widths, args.batch, x, y), args.steps, args.repeats))
-    row = dict(name=f"train step MLP {args.layers} batch {args.batch} adam", unit="samples/s",
+    row = dict(name=name, unit="samples/s",
                hpcopt=args.batch / ours, peer_name="torch (PyTorch CPU, Adam fused)", peer=None, ratio=None,
                limit=None, threads=args.threads, hpcopt_ms=1e3 * ours)
     try:
