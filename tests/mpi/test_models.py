@@ -60,6 +60,9 @@ def one_rank(tmp_path_factory, digits):
 LAYOUTS = {
     "dp2": (2, []),
     "dp4": (4, []),
+    "dp2-zero1": (2, ["parallel.zero=1"]),
+    # a bucket per unit, started during backward: a residual block's nested tensors belong to its unit
+    "dp2-buckets": (2, ["parallel.bucket_mb=0.0001", "parallel.overlap=true"]),
     "pp2-1f1b": (2, ["parallel.strategy=pipeline", "parallel.pp=2", "parallel.schedule=1f1b"]),
     "dp2-pp2-hybrid": (4, ["parallel.strategy=hybrid", "parallel.dp=2", "parallel.pp=2"]),
 }
