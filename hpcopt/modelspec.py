@@ -33,6 +33,7 @@ class Key:
     default: Any = REQUIRED
     ge: float | None = None
     lt: float | None = None
+    le: float | None = None
     choices: tuple | None = None
     doc: str = ""
 
@@ -53,11 +54,12 @@ _POOL = {
     "padding": Key("pair", 0, ge=0, doc="padding on each side (at most half the kernel)"),
 }
 
-# type -> its keys (besides `type`); docs/models.md is generated from this table
+# type -> its keys (besides `type`); docs/models.md lists them in this order (a test keeps it so)
 LAYERS: dict[str, dict[str, Key]] = {
     "dense": {"units": Key("int", ge=1, doc="output features"), "activation": _ACT},
     "conv2d": _CONV,
-    "conv1d": {k: Key("int" if v.kind == "pair" else v.kind, v.default, v.ge, v.lt, v.choices, v.doc)
+    "conv1d": {k: Key("int" if v.kind == "pair" else v.kind, v.default, v.ge, v.lt, v.le, v.choices,
+                      v.doc.replace("k or [kh, kw]", "k"))
                for k, v in _CONV.items()},
     "maxpool2d": _POOL,
     "avgpool2d": _POOL,
@@ -66,7 +68,7 @@ LAYERS: dict[str, dict[str, Key]] = {
     "activation": {"function": Key("str", choices=names.ACTIVATIONS, doc="relu, tanh, sigmoid, gelu or silu, "
                                    "elementwise (e.g. after a batchnorm)")},
     "layernorm": {"eps": Key("float", 1e-5, ge=0, doc="added to the variance")},
-    "batchnorm": {"momentum": Key("float", 0.1, ge=0, lt=1.000001, doc="running statistics: r = (1-m) r + m v"),
+    "batchnorm": {"momentum": Key("float", 0.1, ge=0, le=1, doc="running statistics: r = (1-m) r + m v"),
                   "eps": Key("float", 1e-5, ge=0, doc="added to the variance")},
     "dropout": {"p": Key("float", ge=0, lt=1, doc="probability of zeroing an element")},
     "residual": {"layers": Key("layers", doc="the block's layers; its output is added to its input "
@@ -226,7 +228,8 @@ def _check_value(v: Any, key: Key, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be one of {', '.join(key.choices)} (got {v!r})")
         return v
     for a in items:
-        if (key.ge is not None and a < key.ge) or (key.lt is not None and a >= key.lt):
+        if ((key.ge is not None and a < key.ge) or (key.lt is not None and a >= key.lt)
+                or (key.le is not None and a > key.le)):
             raise bad
     return v
 
@@ -235,6 +238,7 @@ def _kind_text(key: Key) -> str:
     text = {"int": "an integer", "pair": "an integer or [h, w]", "float": "a number", "str": "a string"}[key.kind]
     bounds = [f">= {key.ge:g}"] if key.ge is not None else []
     bounds += [f"< {key.lt:g}"] if key.lt is not None else []
+    bounds += [f"<= {key.le:g}"] if key.le is not None else []
     return text + (f" {' and '.join(bounds)}" if bounds else "")
 
 
@@ -277,7 +281,7 @@ def _infer(u: Unit, shape: tuple[int, ...], source: str) -> tuple[int, ...]:
         if len(shape) != 3:
             raise _shape_error(source, u, "[channels, height, width]", shape)
         ks, pd = _pair(k["kernel"]), _pair(k["padding"])
-        st = _pair(k["stride"]) if k["stride"] else ks
+        st = tuple(s or kk for s, kk in zip(_pair(k["stride"]), ks))   # 0: the window's size
         o = [conv_out_size(shape[1 + a], ks[a], st[a], pd[a], 1) for a in range(2)]
         if min(o) < 1:
             raise _shape_error(source, u, f"a size of at least the window {k['kernel']}", shape)

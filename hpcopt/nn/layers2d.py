@@ -295,7 +295,7 @@ class MaxPool2d(_NoParams):
     def __init__(self, name: str, kernel, stride=None, padding=0):
         self.name = name
         self.kernel = _pair(kernel)
-        self.stride = self.kernel if not stride else _pair(stride)
+        self.stride = tuple(s or k for s, k in zip(_pair(stride or 0), self.kernel))   # 0 / None: the kernel
         self.padding = _pair(padding)
         if 2 * self.padding[0] > self.kernel[0] or 2 * self.padding[1] > self.kernel[1]:
             raise ValueError(f"{name}: padding {self.padding} exceeds half the kernel {self.kernel}")

@@ -1,7 +1,8 @@
 """Checkpoints written before the strategies were composed from parts (tests/data/v1, written by the
 code of commit 4dbd95a: the digits MLP [64, 16, 16, 10] at step 20 in four layouts) still load, and a
 run resumed from each continues EXACTLY as that code continued it: the parameters at step 30 equal
-the ones it exported (tests/data/v1/*-step30.npz), bit for bit."""
+the ones it exported (tests/data/v1/*-step30.npz), bit for bit on the machine type that wrote them and
+to float32 rounding on a CPU whose BLAS kernels round differently."""
 import os
 import shutil
 
@@ -45,4 +46,9 @@ def test_old_checkpoint_resumes_bitwise_as_before(tmp_path, digits, name):
     got, want = np.load(tmp_path / "got.npz"), np.load(os.path.join(V1, f"{name}-step30.npz"))
     assert sorted(got) == sorted(want)
     for k in want:
-        assert np.array_equal(got[k], want[k]), (name, k, np.abs(got[k] - want[k]).max())
+        if np.array_equal(got[k], want[k]):
+            continue
+        # Bitwise on the machine type that wrote the fixtures; elsewhere OpenBLAS picks other GEMM kernels
+        # for the CPU (seen: SkylakeX vs the fixtures' machine, ~1e-7 relative after 10 Adam steps). A
+        # wrong tensor, optimizer state or data position moves the parameters by >= 1e-4: far outside this.
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=f"{name}, {k}")
