@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = c.add_parser("verify", help="check one checkpoint's structure and checksums")
     v.add_argument("ckpt")
     v.set_defaults(fn=_ckpt_verify)
-    e = c.add_parser("export", help="write the global parameters as .npz, one array per layer.name")
+    e = c.add_parser("export", help="write the global parameters and buffers as .npz, one array per layer.name")
     e.add_argument("ckpt")
     e.add_argument("out")
     e.set_defaults(fn=_ckpt_export)
