@@ -78,7 +78,8 @@ def act_forward(z, a, act):
     n = z.shape[0]
     if act == RELU:
         for i in range(n):
-            a[i] = max(z[i], 0)
+            v = z[i]
+            a[i] = v if v > 0 else 0   # a select: vectorises (max() keeps NaN's order rules and does not)
     elif act == GELU:
         for i in range(n):
             a[i] = 0.5 * z[i] * (1.0 + math.erf(z[i] * _SQRT_HALF))
@@ -103,8 +104,7 @@ def act_backward(dz, z, act):
     n = z.shape[0]
     if act == RELU:
         for i in range(n):
-            if z[i] <= 0:
-                dz[i] = 0
+            dz[i] = dz[i] if z[i] > 0 else 0
     elif act == GELU:
         for i in range(n):
             v = z[i]

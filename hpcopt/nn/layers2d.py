@@ -408,9 +408,10 @@ class Activation(_NoParams):
 
     def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
                  ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
+        """dy is overwritten with dx (a copy is made only when dy is not contiguous)."""
         if not need_dx:
             return None
-        dx = np.array(dy, order="C")
+        dx = np.ascontiguousarray(dy)
         K.act_backward(flat_view(dx), flat_view(saved), self.act)
         return dx
 
