@@ -60,7 +60,8 @@ class ModelConfig:
                            "or [channels, height, width]; data rows are reshaped to it")
     layer: list[dict] = opt([], doc="the general form: a list of layer tables (docs/models.md); "
                             "replaces model.layers")
-    loss: str = opt("softmax_ce", choices=names.LOSSES, doc="mse: against one-hot labels, mean over outputs")
+    loss: str = opt("softmax_ce", choices=names.LOSSES, doc="classes: softmax_ce, mse (one-hot); regression targets: mse, l1, huber, rel_l2 "
+                      "(per-sample ||out - y|| / ||y||); docs/data.md")
     dtype: str = opt("float32", choices=("float32", "float64"), doc="parameters, activations and optimizer state")
     init: str = opt("he", choices=names.INITS, doc="he: normal(0, sqrt(2/n_in)); xavier: Glorot uniform; biases 0")
 

@@ -35,6 +35,6 @@ CODECS = ("none", "fp16", "bf16", "topk")                # parallel.compression 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")                   # parallel.schedule (parallel/schedule.py)
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine", "linear")   # schedule.name (optim/schedules.py)
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu")  # model.activation, layers' (kernels/cpu.py)
-LOSSES = ("softmax_ce", "mse")                           # model.loss (nn/losses.py LOSSES)
+LOSSES = ("softmax_ce", "mse", "l1", "huber", "rel_l2")  # model.loss (nn/losses.py LOSSES)
 INITS = ("he", "xavier")                                 # model.init (nn/layers.py Dense.init)
 DEVICES = ("cpu", "cuda")                                # backend.device (optim/base.py kernels)

@@ -21,6 +21,7 @@ from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress, process_start_time
+from .nn import losses
 from .optim.schedules import lr_at
 from .signals import StopSignals
 
@@ -36,6 +37,8 @@ class Summary:
     checkpoint: str | None
     stopped_by: str | None = None   # "signal SIGUSR1" when a signal ended the run early
     finished_at: int | None = None  # the run had already reached its last step when it was resumed
+    test_rel_l2: float | None = None  # regression: mean relative L2 error on the test split, and R²
+    test_r2: float | None = None
 
     def line(self) -> str:
         if self.finished_at is not None:
@@ -44,8 +47,10 @@ class Summary:
         if self.stopped_by:
             return (f"stopped by {self.stopped_by} after {self.steps} steps: checkpoint {self.checkpoint}; "
                     f"continue with --resume auto")
+        score = (f"test relative L2 {self.test_rel_l2:.4f}, R2 {self.test_r2:.4f}" if self.test_rel_l2 is not None
+                 else f"test accuracy {100 * self.test_accuracy:.2f}%")
         return (f"done: {self.steps} steps in {self.seconds:.1f} s, {self.samples_per_s:,.0f} samples/s, "
-                f"test accuracy {100 * self.test_accuracy:.2f}%, run directory {self.out_dir}")
+                f"{score}, run directory {self.out_dir}")
 
 
 def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None):
@@ -53,21 +58,17 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
 
     Raises a user error with one line; called through comm.agree so all ranks leave together.
     """
-    info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size)
+    info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size,
+                   nonzero_targets=cfg.model.loss == "rel_l2")
     spec = modelspec.from_config(cfg.model, cfg.source)
+    check_task(cfg, spec, info)
     if spec.mlp and info.features != cfg.model.layers[0]:
         raise ConfigError(f"{cfg.source}: model.layers[0] = {cfg.model.layers[0]} but {cfg.data.path} has "
                           f"{info.features} features")
     if not spec.mlp and info.features != math.prod(spec.input):
         raise ConfigError(f"{cfg.source}: model.input = {list(spec.input)} holds {math.prod(spec.input)} values "
                           f"per sample but {cfg.data.path} has {info.features} features")
-    if len(spec.output) != 1:
-        raise ConfigError(f"{cfg.source}: the model's output has shape {list(spec.output)} per sample; the loss "
-                          f"needs [outputs] (end with a flatten, global_avgpool or dense layer)")
-    if spec.output[0] < info.classes:
-        what = "model.layers[-1]" if spec.mlp else "the last layer's output"
-        raise ConfigError(f"{cfg.source}: {what} = {spec.output[0]} outputs but "
-                          f"{cfg.data.path} has {info.classes} classes")
+
     global_batch = info.sizes["train"] if cfg.data.batch_size == "all" else cfg.data.batch_size
     if global_batch > info.sizes["train"]:
         raise ConfigError(f"{cfg.source}: data.batch_size = {global_batch} is larger than the "
@@ -83,6 +84,33 @@ def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None)
     if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
         raise ConfigError(f"{out_dir}: cannot create the run directory here (run.out_dir)")
     return info, global_batch
+
+
+def check_task(cfg: config.JobConfig, spec: modelspec.Spec, info) -> None:
+    """The model, the loss and the data file's task agree: classes against a vector of at least as many
+    outputs, regression targets against as many outputs (any shape) and a regression loss."""
+    src, path, loss = cfg.source, cfg.data.path, cfg.model.loss
+    if not spec.mlp and len(info.x_shape) > 1 and tuple(info.x_shape) != tuple(spec.input):
+        raise DataError(f"{path}: /train/x has samples of shape {list(info.x_shape)} but model.input is "
+                        f"{list(spec.input)}")
+    if info.task == "regression":
+        if loss not in losses.REGRESSION:
+            raise ConfigError(f"{src}: model.loss = \"{loss}\" needs class labels but {path} holds regression "
+                              f"targets: use one of {', '.join(losses.REGRESSION)}")
+        outputs = math.prod(spec.output)
+        if outputs != info.targets:
+            raise ConfigError(f"{src}: the model outputs {outputs} values per sample ({list(spec.output)}) but "
+                              f"{path} has {info.targets} targets per sample ({list(info.y_shape)})")
+        return
+    if loss not in losses.CLASSIFICATION:
+        raise ConfigError(f"{src}: model.loss = \"{loss}\" needs regression targets but {path} holds class labels: "
+                          f"use one of {', '.join(losses.CLASSIFICATION)}")
+    if len(spec.output) != 1:
+        raise ConfigError(f"{src}: the model's output has shape {list(spec.output)} per sample; the loss "
+                          f"needs [outputs] (end with a flatten, global_avgpool or dense layer)")
+    if spec.output[0] < info.classes:
+        what = "model.layers[-1]" if spec.mlp else "the last layer's output"
+        raise ConfigError(f"{src}: {what} = {spec.output[0]} outputs but {path} has {info.classes} classes")
 
 
 def take_run_dir(out_dir: str, resume: str | None, is_root: bool):
@@ -246,19 +274,21 @@ class Trainer:
         self.step_count += 1
         return loss_sum, lr, norm
 
-    def evaluate(self) -> tuple[float, float]:
-        """(mean loss, accuracy) on the test split; each dp replica takes a contiguous share."""
+    def evaluate(self) -> dict:
+        """The test split's metrics (losses.summarise: test_loss and test_acc, or test_rel_l2 and test_r2
+        for regression); each dp replica takes a contiguous share."""
         n = self.test.n
         self.strategy.prepare_evaluate()
         lo, hi = n * self.grid.dp_rank // self.grid.dp, n * (self.grid.dp_rank + 1) // self.grid.dp
-        loss_sum, correct = 0.0, 0
+        regression = self.info.task == "regression"
+        totals = np.zeros(3 + 2 * self.info.targets if regression else 2)
         for start in range(lo, hi, 4096):
             x, y = self.test.slice(start, min(hi, start + 4096))
-            ls, c = self.strategy.evaluate(x, y)
-            loss_sum, correct = loss_sum + ls, correct + c
-        totals = np.array([loss_sum, correct], dtype=np.float64)
+            part = self.strategy.evaluate(x, y)
+            if part is not None:
+                totals += part
         self.grid.world.Allreduce(MPI.IN_PLACE, totals)  # contributions sum over the world
-        return totals[0] / n, totals[1] / n
+        return losses.summarise(totals, n, regression)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Summary:
@@ -281,7 +311,7 @@ class Trainer:
         every, eval_every = cfg.run.log_every, cfg.run.eval_every
         t0 = t_last = time.perf_counter()
         steps_at_last, start_step = self.step_count, self.step_count
-        acc, test_loss = float("nan"), float("nan")
+        scores: dict = {}
         loss_acc = 0.0
         stopped_by = None
         path = None
@@ -303,13 +333,15 @@ class Trainer:
                                time=now - t0, **slurm)
                     rec.update(self.strategy.extra_metrics())
                     if (eval_every and done % eval_every == 0) or last:
-                        test_loss, acc = self.evaluate()
-                        rec.update(test_loss=test_loss, test_acc=acc)
+                        scores = self.evaluate()
+                        rec.update(scores)
                     if root:
                         log.write(rec)
                         fields = dict(loss=f"{loss:.4f}")
                         if "test_acc" in rec:
-                            fields["acc"] = f"{100 * acc:.1f}%"
+                            fields["acc"] = f"{100 * rec['test_acc']:.1f}%"
+                        if "test_rel_l2" in rec:
+                            fields["rel_l2"] = f"{rec['test_rel_l2']:.4f}"
                         bar.advance(done - steps_at_last, fields)
                     t_last, steps_at_last, loss_acc = time.perf_counter(), done, 0.0
                 if last:
@@ -334,8 +366,10 @@ class Trainer:
             if log:
                 log.close()
         steps = self.step_count - start_step
-        return Summary(steps, seconds, self.global_batch * steps / max(seconds, 1e-9), acc, test_loss,
-                       self.out_dir, path, stopped_by)
+        nan = float("nan")
+        return Summary(steps, seconds, self.global_batch * steps / max(seconds, 1e-9), scores.get("test_acc", nan),
+                       scores.get("test_loss", nan), self.out_dir, path, stopped_by,
+                       test_rel_l2=scores.get("test_rel_l2"), test_r2=scores.get("test_r2"))
 
     def checkpoint_due(self) -> str | None:
         """All ranks agree whether to checkpoint after this step, and why (one tiny Allreduce).

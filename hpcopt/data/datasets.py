@@ -1,5 +1,8 @@
-"""Data files: `/train/x` (N, F) float32, `/train/y` (N,) int64 labels in [0, classes), the same under
-`/test`; root attributes `name`, `features`, `classes`. Made by `hpcopt data make NAME OUT.h5`."""
+"""Data files: `/train/x` (N, F) float32 (or (N, *shape): a sample's shape, e.g. a field (C, H, W)) and
+`/train/y`, the same under `/test`; root attributes `name`, `features`, `task`, `classes`.
+  classification (`task` absent or "classification"): y (N,) integer labels in [0, classes)
+  regression (`task = "regression"`): y (N, *target shape) floats (a field, a vector, ...)
+Made by `hpcopt data make NAME OUT.h5` (or `data import`)."""
 from __future__ import annotations
 
 import os
@@ -73,13 +76,23 @@ def make_synthetic(out: str, samples: int, features: int, classes: int, seed: in
 class DataInfo:
     path: str
     name: str
-    features: int
-    classes: int
-    sizes: dict  # split -> number of samples
+    features: int               # values per sample of x
+    classes: int                # classification: labels are in [0, classes); 0 for regression
+    sizes: dict                 # split -> number of samples
+    task: str = "classification"
+    x_shape: tuple = ()         # per-sample shape of x
+    targets: int = 0            # regression: values per sample of y
+    y_shape: tuple = ()         # regression: per-sample shape of y
 
 
-def inspect(path: str, check_values: bool = True, rank: int = 0, nranks: int = 1) -> DataInfo:
-    """Check a data file's layout (and, if check_values, this rank's 1/nranks share of its values).
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def inspect(path: str, check_values: bool = True, rank: int = 0, nranks: int = 1,
+            nonzero_targets: bool = False) -> DataInfo:
+    """Check a data file's layout (and, if check_values, this rank's 1/nranks share of its values;
+    nonzero_targets: every regression target has a non-zero norm, as the rel_l2 loss divides by it).
 
     Raises DataError with one line naming the file and what is wrong.
     """
@@ -90,56 +103,89 @@ def inspect(path: str, check_values: bool = True, rank: int = 0, nranks: int = 1
     except OSError:
         raise DataError(f"{path}: not an HDF5 file (or unreadable)") from None
     with f:
+        task = _text(f.attrs.get("task", "classification"))
+        if task not in ("classification", "regression"):
+            raise DataError(f"{path}: root attribute 'task' must be \"classification\" or \"regression\" (got {task!r})")
         sizes = {}
-        features = None
+        x_shape = y_shape = None
         for split in SPLITS:
             for part in ("x", "y"):
                 if f"{split}/{part}" not in f:
                     raise DataError(f"{path}: missing dataset /{split}/{part}")
             x, y = f[f"{split}/x"], f[f"{split}/y"]
-            if not isinstance(x, h5py.Dataset) or x.ndim != 2:
-                raise DataError(f"{path}: /{split}/x must be 2-D (samples, features), got shape {getattr(x, 'shape', '?')}")
+            if not isinstance(x, h5py.Dataset) or x.ndim < 2:
+                raise DataError(f"{path}: /{split}/x must be (samples, features) or (samples, *shape), got shape "
+                                f"{getattr(x, 'shape', '?')}")
             if x.dtype.kind != "f":
                 raise DataError(f"{path}: /{split}/x must hold floats, got {x.dtype}")
-            if not isinstance(y, h5py.Dataset) or y.ndim != 1:
-                raise DataError(f"{path}: /{split}/y must be 1-D (samples,), got shape {getattr(y, 'shape', '?')}")
-            if y.dtype.kind not in "iu":
-                raise DataError(f"{path}: /{split}/y must hold integer labels, got {y.dtype}")
+            if not isinstance(y, h5py.Dataset):
+                raise DataError(f"{path}: /{split}/y is not a dataset")
+            if task == "classification":
+                if y.ndim != 1:
+                    raise DataError(f"{path}: /{split}/y must be 1-D (samples,) class labels, got shape {y.shape} "
+                                    f"(float targets need the root attribute task = \"regression\")")
+                if y.dtype.kind not in "iu":
+                    raise DataError(f"{path}: /{split}/y must hold integer labels, got {y.dtype} (float targets "
+                                    f"need the root attribute task = \"regression\")")
+            else:
+                if y.ndim < 2:
+                    raise DataError(f"{path}: /{split}/y must be (samples, targets...) for regression, got shape "
+                                    f"{y.shape}")
+                if y.dtype.kind != "f":
+                    raise DataError(f"{path}: /{split}/y must hold float targets for regression, got {y.dtype}")
             if x.shape[0] != y.shape[0]:
                 raise DataError(f"{path}: /{split}/x has {x.shape[0]} samples but /{split}/y has {y.shape[0]}")
             if x.shape[0] == 0:
                 raise DataError(f"{path}: /{split} has no samples")
-            if features is not None and x.shape[1] != features:
-                raise DataError(f"{path}: /{split}/x has {x.shape[1]} features, /train/x has {features}")
-            features = x.shape[1]
+            if x_shape is not None and x.shape[1:] != x_shape:
+                raise DataError(f"{path}: /{split}/x has samples of shape {list(x.shape[1:])}, /train/x "
+                                f"{list(x_shape)}")
+            if y_shape is not None and y.shape[1:] != y_shape:
+                raise DataError(f"{path}: /{split}/y has samples of shape {list(y.shape[1:])}, /train/y "
+                                f"{list(y_shape)}")
+            x_shape, y_shape = x.shape[1:], y.shape[1:]
             sizes[split] = x.shape[0]
-        raw = f.attrs.get("classes", 0)
-        try:
-            classes = int(raw)
-            if isinstance(raw, (bytes, str)) or classes != raw:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: root attribute 'classes' must be an integer (got {raw!r})") from None
-        if classes < 2:
-            raise DataError(f"{path}: root attribute 'classes' must be >= 2 (got {classes})")
+        classes = 0
+        if task == "classification":
+            raw = f.attrs.get("classes", 0)
+            try:
+                classes = int(raw)
+                if isinstance(raw, (bytes, str)) or classes != raw:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: root attribute 'classes' must be an integer (got {raw!r})") from None
+            if classes < 2:
+                raise DataError(f"{path}: root attribute 'classes' must be >= 2 (got {classes})")
         if check_values:
             for split in SPLITS:
-                _scan(path, split, f[f"{split}/x"], f[f"{split}/y"], classes, rank, nranks)
-        name = f.attrs.get("name", "")
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        return DataInfo(path, name, int(features), classes, sizes)
+                _scan(path, split, f[f"{split}/x"], f[f"{split}/y"], classes, rank, nranks, nonzero_targets)
+        return DataInfo(path, _text(f.attrs.get("name", "")), int(np.prod(x_shape)), classes, sizes, task,
+                        tuple(int(v) for v in x_shape), int(np.prod(y_shape)) if task == "regression" else 0,
+                        tuple(int(v) for v in y_shape) if task == "regression" else ())
 
 
-def _scan(path, split, x, y, classes, rank, nranks) -> None:
+def _scan(path, split, x, y, classes, rank, nranks, nonzero_targets=False) -> None:
     n = x.shape[0]
     lo, hi = n * rank // nranks, n * (rank + 1) // nranks
-    for start in range(lo, hi, _SCAN_ROWS):
-        stop = min(hi, start + _SCAN_ROWS)
+    rows = max(1, _SCAN_ROWS * 64 // max(64, int(np.prod(x.shape[1:]))))   # ~16 MiB of x per read
+    for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
         xb = x[start:stop]
         if not np.isfinite(xb).all():
             bad = start + int(np.argwhere(~np.isfinite(xb))[0][0])
             raise DataError(f"{path}: /{split}/x has a NaN or inf value (sample {bad})")
         yb = y[start:stop]
-        if yb.size and (yb.min() < 0 or yb.max() >= classes):
-            bad = start + int(np.argmax((yb < 0) | (yb >= classes)))
-            raise DataError(f"{path}: /{split}/y label {int(y[bad])} at sample {bad} is outside [0, {classes})")
+        if classes:
+            if yb.size and (yb.min() < 0 or yb.max() >= classes):
+                bad = start + int(np.argmax((yb < 0) | (yb >= classes)))
+                raise DataError(f"{path}: /{split}/y label {int(y[bad])} at sample {bad} is outside [0, {classes})")
+            continue
+        if not np.isfinite(yb).all():
+            bad = start + int(np.argwhere(~np.isfinite(yb))[0][0])
+            raise DataError(f"{path}: /{split}/y has a NaN or inf target (sample {bad})")
+        if nonzero_targets:
+            norms = np.sqrt(np.sum(np.square(yb.reshape(len(yb), -1), dtype=np.float64), axis=1))
+            if (norms == 0).any():
+                bad = start + int(np.argmax(norms == 0))
+                raise DataError(f"{path}: /{split}/y sample {bad} is all zeros: model.loss = \"rel_l2\" divides "
+                                f"by the target's norm (use mse, l1 or huber)")

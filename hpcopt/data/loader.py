@@ -22,6 +22,8 @@ class ShardedLoader:
         self.file = h5py.File(path, "r")
         self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
         self.n = self.x.shape[0]
+        # labels as int64; regression targets in the model's dtype
+        self.y_dtype = np.dtype(np.int64) if self.y.dtype.kind in "iu" else np.dtype(dtype)
         self.global_batch = global_batch
         self.local_batch = global_batch // dp_size
         self.dp_rank, self.seed, self.dtype = dp_rank, seed, np.dtype(dtype)
@@ -33,7 +35,8 @@ class ShardedLoader:
         return divmod(step, self.steps_per_epoch)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's slice of global batch `step`: x (B/dp, F) in the model dtype, labels (B/dp,) int64."""
+        """This rank's slice of global batch `step`: x (B/dp, ...) in the model dtype, labels (B/dp,) int64
+        or targets (B/dp, ...) in the model dtype."""
         epoch, b = self.position(step)
         if epoch != self._perm_epoch:
             self._perm, self._perm_epoch = epoch_permutation(self.seed, epoch, self.n), epoch
@@ -44,15 +47,15 @@ class ShardedLoader:
         """Rows idx (in that order). HDF5 wants increasing indices: read sorted, then put back in order."""
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        x = np.empty((len(idx), self.x.shape[1]), dtype=self.dtype)
-        y = np.empty(len(idx), dtype=np.int64)
+        x = np.empty((len(idx), *self.x.shape[1:]), dtype=self.dtype)
+        y = np.empty((len(idx), *self.y.shape[1:]), dtype=self.y_dtype)
         x[order] = self.x[sorted_idx]
         y[order] = self.y[sorted_idx]
         return x, y
 
     def slice(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous rows [lo, hi) (evaluation)."""
-        return self.x[lo:hi].astype(self.dtype, copy=False), self.y[lo:hi].astype(np.int64, copy=False)
+        return self.x[lo:hi].astype(self.dtype, copy=False), self.y[lo:hi].astype(self.y_dtype, copy=False)
 
     def close(self) -> None:
         self.file.close()

@@ -176,6 +176,70 @@ def mse_onehot(out, labels, scale, dout):
     return total
 
 
+LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_REL_L2 = 0, 1, 2, 3
+
+
+@njit(cache=True)
+def regression_loss(out, t, code, scale, dout):
+    """Regression losses over rows: out, t, dout (B, T). Per sample, the MEAN over its T values of
+    (o - t)² (mse), |o - t| (l1), huber with delta 1 (0.5 d² where |d| < 1, |d| - 0.5 else), or the
+    relative error ||o - t|| / ||t|| (rel_l2). dout := the gradient times `scale` (1 / global batch).
+    Returns the SUM over samples (float64, accumulated in row order)."""
+    B, T = out.shape
+    total = 0.0
+    for i in range(B):
+        acc = 0.0
+        if code == LOSS_REL_L2:
+            nt = 0.0
+            for j in range(T):
+                d = np.float64(out[i, j]) - t[i, j]
+                acc += d * d
+                nt += np.float64(t[i, j]) * t[i, j]
+            e, nt = math.sqrt(acc), math.sqrt(nt)
+            g = scale / (e * nt) if e > 0 else 0.0
+            for j in range(T):
+                dout[i, j] = (out[i, j] - t[i, j]) * g
+            total += e / nt
+            continue
+        for j in range(T):
+            d = np.float64(out[i, j]) - t[i, j]
+            if code == LOSS_MSE:
+                acc += d * d
+                g = 2 * d
+            elif code == LOSS_L1:
+                acc += abs(d)
+                g = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
+            else:
+                if abs(d) < 1:
+                    acc += 0.5 * d * d
+                    g = d
+                else:
+                    acc += abs(d) - 0.5
+                    g = 1.0 if d > 0 else -1.0
+            dout[i, j] = g * scale / T
+        total += acc / T
+    return total
+
+
+@njit(cache=True)
+def regression_stats(out, t, res):
+    """Evaluation sums over rows of out, t (B, T), ADDED to res (3 + 2T,) float64: [_, sum of per-sample
+    ||o - t|| / ||t||, sum of (o - t)², sum of t_j (T values), sum of t_j² (T values)]."""
+    B, T = out.shape
+    for i in range(B):
+        e = 0.0
+        nt = 0.0
+        for j in range(T):
+            d = np.float64(out[i, j]) - t[i, j]
+            y = np.float64(t[i, j])
+            e += d * d
+            nt += y * y
+            res[3 + j] += y
+            res[3 + T + j] += y * y
+        res[1] += math.sqrt(e) / math.sqrt(nt)
+        res[2] += e
+
+
 @njit(cache=True)
 def count_correct(logits, labels):
     """Number of rows whose argmax equals the label (first maximum wins, like numpy)."""

@@ -15,11 +15,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..kernels import cpu as K
 from ..modelspec import Spec, from_widths
 from .build import build_layer, leaves
 from .layers import COLUMN, EVAL, FULL, ROW, Ctx, Dense, TpSum, _no_sum, init_rng  # noqa: F401 (re-exported)
-from .losses import LOSSES
+from .losses import LOSSES, scores
 from .params import FlatParams
 
 
@@ -120,13 +119,15 @@ class Stage:
         return d if need_dx else None
 
     def loss(self, out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray) -> float:
-        """The loss's SUM over the rows of `out`; dout := its gradient scaled by 1 / global batch."""
+        """The loss's SUM over the rows of `out`; dout := its gradient scaled by 1 / global batch.
+        labels: integer classes (B,), or float targets (B, ...) of as many values per row as out's."""
         return self.loss_fn(out, labels, global_batch, dout)
 
-    def score(self, out: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-        """(sum of losses, number correct) of the network's output rows."""
+    def score(self, out: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The evaluation sums of the network's output rows (losses.scores): [sum of losses, number
+        correct] for classes; the regression sums (relative L2, squared errors, target moments) else."""
         scratch = np.empty_like(out)
-        return self.loss_fn(out, labels, 1, scratch), K.count_correct(out, labels)
+        return scores(out, labels, self.loss_fn(out, labels, 1, scratch))
 
     # -- the whole model in one process (a stage holding every unit) -----------------------------------
     def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, global_batch: int,
@@ -138,6 +139,6 @@ class Stage:
         self.backward(acts, dout, on_layer_done=on_layer_done, ctx=ctx)
         return loss_sum
 
-    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-        """(sum of losses, number correct) on a slice, no gradients kept (running statistics, no dropout)."""
+    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """score() of a slice, no gradients kept (running statistics, no dropout)."""
         return self.score(self.forward(np.ascontiguousarray(x, dtype=self.dtype), ctx=EVAL)[-1], labels)

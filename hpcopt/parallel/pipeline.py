@@ -91,7 +91,7 @@ class PipelineExecutor:
         self.last_stats = run_stage(self.actions, work, self.comm, self.prev, self.next)
         return work.loss if self.partition.reports_loss else 0.0
 
-    def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> tuple[float, int]:
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None):
         """The whole chunk through the stages in turn (no micro-batches, no stored activations)."""
         st = stage or self.stage
         if st.is_first:
@@ -102,9 +102,8 @@ class PipelineExecutor:
         out = st.forward(h, ctx=Ctx(self.partition.tp_sum, training=False))[-1]
         if not st.is_last:
             self.comm.Send(out, dest=self.next, tag=tag(TAG_EVAL, 0))
-            return 0.0, 0
-        loss_sum, correct = st.score(out, labels)
-        return (loss_sum, correct) if self.partition.reports_loss else (0.0, 0)
+            return None
+        return st.score(out, labels) if self.partition.reports_loss else None
 
     def extra_metrics(self) -> dict:
         """This stage's last step as counted by the runner (rank 0's, stage 0's, is logged)."""

@@ -15,7 +15,8 @@ calls only the methods below, on every rank, in the same order:
     step(x, labels, t, lr) -> StepResult   x, labels: this rank's dp slice of the global batch (rows);
                                            t: 1-based index of the update if applied; lr: after schedule
     prepare_evaluate()                     collective, before each evaluation
-    evaluate(x, labels) -> (loss_sum, n_correct)   contributions that SUM over the world to the totals
+    evaluate(x, labels) -> sums | None     losses.scores contributions that SUM over the world to the
+                                           totals (None: this rank reports none)
     checkpoint_pieces() -> [checkpoint.Piece]      this rank's share of every global dataset
     restore(path, ckpt) -> notes                   global arrays -> this rank's buffers and state
     extra_metrics() -> dict                        at each logged step, merged into rank 0's record
@@ -93,12 +94,11 @@ class Sequential:
                         on_layer_done=on_layer_done if last else None)
         return loss_sum if self.partition.reports_loss else 0.0
 
-    def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> tuple[float, int]:
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> np.ndarray | None:
         st = stage or self.stage
         ctx = Ctx(self.partition.tp_sum, training=False)
         out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), ctx=ctx)[-1]
-        loss_sum, correct = st.score(out, labels)
-        return (loss_sum, correct) if self.partition.reports_loss else (0.0, 0)
+        return st.score(out, labels) if self.partition.reports_loss else None
 
     def extra_metrics(self) -> dict:
         return {}
@@ -136,7 +136,7 @@ class Strategy:
     def prepare_evaluate(self) -> None:
         self.eval_stage = self.exchange.prepare_evaluate()
 
-    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    def evaluate(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
         return self.executor.evaluate(x, labels, self.eval_stage)
 
     def extra_metrics(self) -> dict:

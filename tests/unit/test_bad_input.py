@@ -83,7 +83,7 @@ def make_bad_data(kind: str, path: str) -> None:
 BAD_DATA = [
     ("not hdf5", "not an HDF5 file"),
     ("missing labels", "missing dataset /train/y"),
-    ("1-D x", "/train/x must be 2-D"),
+    ("1-D x", "/train/x must be (samples, features) or (samples, *shape)"),
     ("int x", "/train/x must hold floats, got int32"),
     ("nan", "/train/x has a NaN or inf value (sample 17)"),
     ("inf in test", "/test/x has a NaN or inf value (sample 2)"),
