@@ -49,6 +49,10 @@ class DataConfig:
     path: str = opt("data/digits.h5", doc="HDF5 file made by `hpcopt data make`")
     name: str = opt("", doc="data set name, informational (digits, synthetic, ...)")
     batch_size: Union[int, str] = opt(64, doc="GLOBAL batch (all ranks together), or \"all\" for full batch")
+    shuffle: str = opt("global", choices=("global", "block"), doc="global: any row in any batch (scattered reads); "
+                       "block: chunk order shuffled, then rows within windows of chunks (data larger than memory)")
+    window_chunks: int = opt(8, ge=1, doc="shuffle = block: chunks whose rows are shuffled together")
+    read_ahead: bool = opt(False, doc="read the next step's rows on a background thread during the step")
 
 
 @dataclass
@@ -339,6 +343,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
 # A key that only means something when another key has one of some values (set otherwise: an error).
 NEEDS: dict[str, tuple[str, tuple]] = {
     "parallel.topk_density": ("parallel.compression", ("topk",)),
+    "data.window_chunks": ("data.shuffle", ("block",)),
     "schedule.step_size": ("schedule.name", ("step",)),
     "schedule.gamma": ("schedule.name", ("step", "exponential")),
     "schedule.min_lr": ("schedule.name", ("cosine", "linear")),

@@ -226,8 +226,9 @@ class Trainer:
             self.notes += notes
         self.strategy = agree(world, parallel.build, cfg, grid, self.global_batch)  # must not communicate
         dtype = self.strategy.dtype
-        self.loader = ShardedLoader(cfg.data.path, "train", self.global_batch, grid.dp_rank, grid.dp,
-                                    cfg.run.seed, dtype)
+        d = cfg.data
+        self.loader = ShardedLoader(d.path, "train", self.global_batch, grid.dp_rank, grid.dp, cfg.run.seed, dtype,
+                                    d.shuffle, d.window_chunks, d.read_ahead)
         self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, dtype)
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.loader.steps_per_epoch
         s = cfg.schedule

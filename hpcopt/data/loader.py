@@ -4,21 +4,60 @@ The epoch permutation depends only on (seed, epoch); global batch b of an epoch 
 samples whatever the dp size; dp rank r reads only its contiguous slice [r*B/dp, (r+1)*B/dp) of it,
 straight from the HDF5 file. So N ranks reproduce one process, and a run resumed on another rank
 count sees the same data. The last partial batch of an epoch is dropped (every step has B samples).
+
+Data larger than memory: nothing is held but the batch being read. `shuffle = "global"` (default)
+draws any row for any batch, so each batch reads rows scattered over the file; `shuffle = "block"`
+shuffles the order of the file's chunks, then the rows within each window of `window` consecutive
+chunks (of that order): a batch then reads from a few chunks of one window, and the order is still a
+function of (seed, epoch) only. `read_ahead`: the next step's rows are read on a background thread
+while the current step computes (h5py serialises HDF5 calls; numpy's BLAS releases the GIL).
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
 
+DEFAULT_CHUNK = 1024   # rows per block for a contiguous (unchunked) dataset
+
+
+def _philox(seed: int, epoch: int, stream: int = 0, sub: int = 0) -> np.random.Generator:
+    """The stream (stream, sub) of key (seed, epoch): its counter starts at 2^128·(stream + 2^64·sub),
+    so streams never overlap (stream 0, sub 0 is the plain keyed generator)."""
+    counter = np.array([0, 0, stream, sub], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=np.array([seed, epoch], dtype=np.uint64), counter=counter))
+
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    rng = np.random.Generator(np.random.Philox(key=np.array([seed, epoch], dtype=np.uint64)))
-    return rng.permutation(n)
+    return _philox(seed, epoch).permutation(n)
+
+
+def block_permutation(seed: int, epoch: int, n: int, chunk: int, window: int) -> np.ndarray:
+    """A permutation of range(n) that keeps rows near each other: the chunks [k·chunk, (k+1)·chunk) in
+    a random order, then each run of `window` chunks (in that order) shuffled row by row. Keyed by
+    (seed, epoch) only (streams apart from the global shuffle's by a third key word)."""
+    chunks = -(-n // chunk)
+    order = _philox(seed, epoch, 1).permutation(chunks)
+    out = np.empty(n, dtype=np.int64)
+    pos = 0
+    for w in range(0, chunks, window):
+        rows = np.concatenate([np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in order[w:w + window]])
+        out[pos:pos + len(rows)] = rows[_philox(seed, epoch, 2, w).permutation(len(rows))]
+        pos += len(rows)
+    return out
+
+
+def chunk_rows(ds: h5py.Dataset) -> int:
+    """Rows per storage chunk of a dataset (its `chunk_samples` attribute, its HDF5 chunks, else DEFAULT_CHUNK)."""
+    if "chunk_samples" in ds.attrs:
+        return max(1, int(ds.attrs["chunk_samples"]))
+    return ds.chunks[0] if ds.chunks else DEFAULT_CHUNK
 
 
 class ShardedLoader:
     def __init__(self, path: str, split: str, global_batch: int, dp_rank: int, dp_size: int,
-                 seed: int, dtype=np.float32):
+                 seed: int, dtype=np.float32, shuffle: str = "global", window: int = 8, read_ahead: bool = False):
         self.file = h5py.File(path, "r")
         self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
         self.n = self.x.shape[0]
@@ -28,20 +67,40 @@ class ShardedLoader:
         self.local_batch = global_batch // dp_size
         self.dp_rank, self.seed, self.dtype = dp_rank, seed, np.dtype(dtype)
         self.steps_per_epoch = self.n // global_batch
+        self.shuffle, self.window, self.chunk = shuffle, window, chunk_rows(self.x)
         self._perm_epoch, self._perm = -1, None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpcopt-read-ahead") if read_ahead else None
+        self._next: tuple[int, object] | None = None   # (step, future of its batch)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            if self.shuffle == "block":
+                self._perm = block_permutation(self.seed, epoch, self.n, self.chunk, self.window)
+            else:
+                self._perm = epoch_permutation(self.seed, epoch, self.n)
+            self._perm_epoch = epoch
+        return self._perm
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch within the epoch) of a 0-based global step."""
         return divmod(step, self.steps_per_epoch)
 
+    def rows(self, step: int) -> np.ndarray:
+        """The sample indices of this rank's slice of global batch `step`."""
+        epoch, b = self.position(step)
+        start = b * self.global_batch + self.dp_rank * self.local_batch
+        return self.permutation(epoch)[start:start + self.local_batch]
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's slice of global batch `step`: x (B/dp, ...) in the model dtype, labels (B/dp,) int64
-        or targets (B/dp, ...) in the model dtype."""
-        epoch, b = self.position(step)
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = epoch_permutation(self.seed, epoch, self.n), epoch
-        start = b * self.global_batch + self.dp_rank * self.local_batch
-        return self.read(self._perm[start:start + self.local_batch])
+        or targets (B/dp, ...) in the model dtype. With read_ahead, step + 1's rows are read meanwhile."""
+        if self._pool is None:
+            return self.read(self.rows(step))
+        pending, self._next = self._next, None
+        out = pending[1].result() if pending is not None and pending[0] == step else self.read(self.rows(step))
+        following = self.rows(step + 1)   # computed here: the permutation is not shared with the thread
+        self._next = (step + 1, self._pool.submit(self.read, following))
+        return out
 
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows idx (in that order). HDF5 wants increasing indices: read sorted, then put back in order."""
@@ -58,4 +117,7 @@ class ShardedLoader:
         return self.x[lo:hi].astype(self.dtype, copy=False), self.y[lo:hi].astype(self.y_dtype, copy=False)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.file.close()
