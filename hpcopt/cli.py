@@ -85,6 +85,28 @@ def _data_make(args) -> int:
     return 0
 
 
+def _data_import(args) -> int:
+    from .data.importer import import_arrays
+
+    r = import_arrays(args.src, args.out, args.x, args.y, args.test_fraction, args.seed, args.task, args.compress)
+    what = f"{r['classes']} classes" if r["task"] == "classification" else f"targets of shape {r['y_shape']}"
+    print(f"wrote {args.out}: {r['task']}, {r['train']} train + {r['test']} test samples of shape {r['x_shape']}, "
+          f"{what}")
+    return 0
+
+
+def _data_stats(args) -> int:
+    from mpi4py import MPI
+
+    from .data.importer import compute_stats
+
+    comm = MPI.COMM_WORLD
+    n = compute_stats(args.path, comm)
+    if comm.Get_rank() == 0:
+        print(f"wrote /stats/y_mean and /stats/y_std of {args.path} ({n} training samples, {comm.Get_size()} ranks)")
+    return 0
+
+
 def _ckpt_ls(args) -> int:
     import time
 
@@ -163,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
 
-    d = sub.add_parser("data", help="make bundled data sets").add_subparsers(dest="data_cmd", required=True)
+    d = sub.add_parser("data", help="make, import and describe data sets").add_subparsers(dest="data_cmd", required=True)
     m = d.add_parser("make", help="write a bundled data set as HDF5",
                      description="digits: scikit-learn's 8x8 digits; synthetic: Gaussian clusters of any size.")
     m.add_argument("name", choices=["digits", "synthetic"])
@@ -173,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", type=int, default=10, help="synthetic: classes")
     m.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     m.set_defaults(fn=_data_make)
+    im = d.add_parser("import", help="write your own arrays (.npz, .npy, .h5) as an hpcopt data file",
+                      description="Integer labels (N,) make a classification file; float targets (any shape) a "
+                                  "regression file with the training split's target statistics.")
+    im.add_argument("src", help="FILE.npz, FILE.npy (x; --y names the targets' .npy) or FILE.h5")
+    im.add_argument("out", help="output file (.h5); must not exist")
+    im.add_argument("--x", required=True, help="key (npz), dataset path (h5) of the samples")
+    im.add_argument("--y", required=True, help="key (npz), dataset path (h5) or .npy file of the targets")
+    im.add_argument("--test-fraction", type=float, default=0.2, help="share of samples held out (default 0.2)")
+    im.add_argument("--seed", type=int, default=0, help="keys the train/test split")
+    im.add_argument("--task", choices=["classification", "regression"], help="default: from the targets' dtype")
+    im.add_argument("--compress", action="store_true", help="gzip the datasets")
+    im.set_defaults(fn=_data_import)
+    st = d.add_parser("stats", help="compute the training targets' mean and std into the file (any ranks)")
+    st.add_argument("path")
+    st.set_defaults(fn=_data_stats)
 
     c = sub.add_parser("ckpt", help="inspect checkpoints").add_subparsers(dest="ckpt_cmd", required=True)
     ls = c.add_parser("ls", help="list a run's checkpoints with step, time, size, layout, status")

@@ -53,6 +53,8 @@ class DataConfig:
                        "block: chunk order shuffled, then rows within windows of chunks (data larger than memory)")
     window_chunks: int = opt(8, ge=1, doc="shuffle = block: chunks whose rows are shuffled together")
     read_ahead: bool = opt(False, doc="read the next step's rows on a background thread during the step")
+    normalize_targets: bool = opt(False, doc="regression: train on (y - mean) / std of the training split "
+                                  "(/stats of the data file: hpcopt data stats); metrics in original units")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from . import checkpoint, config, modelspec, optim, parallel, rundir
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
+from .data.importer import read_stats
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress, process_start_time
 from .nn import losses
@@ -93,6 +94,9 @@ def check_task(cfg: config.JobConfig, spec: modelspec.Spec, info) -> None:
     if not spec.mlp and len(info.x_shape) > 1 and tuple(info.x_shape) != tuple(spec.input):
         raise DataError(f"{path}: /train/x has samples of shape {list(info.x_shape)} but model.input is "
                         f"{list(spec.input)}")
+    if cfg.data.normalize_targets and info.task != "regression":
+        raise ConfigError(f"{src}: data.normalize_targets = true applies to regression targets; {path} holds "
+                          f"class labels")
     if info.task == "regression":
         if loss not in losses.REGRESSION:
             raise ConfigError(f"{src}: model.loss = \"{loss}\" needs class labels but {path} holds regression "
@@ -227,8 +231,10 @@ class Trainer:
         self.strategy = agree(world, parallel.build, cfg, grid, self.global_batch)  # must not communicate
         dtype = self.strategy.dtype
         d = cfg.data
+        scale = agree(world, read_stats, d.path) if d.normalize_targets else None
+        self.strategy.partition.target_scale = scale
         self.loader = ShardedLoader(d.path, "train", self.global_batch, grid.dp_rank, grid.dp, cfg.run.seed, dtype,
-                                    d.shuffle, d.window_chunks, d.read_ahead)
+                                    d.shuffle, d.window_chunks, d.read_ahead, scale)
         self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, dtype)
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.loader.steps_per_epoch
         s = cfg.schedule

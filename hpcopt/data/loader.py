@@ -57,7 +57,8 @@ def chunk_rows(ds: h5py.Dataset) -> int:
 
 class ShardedLoader:
     def __init__(self, path: str, split: str, global_batch: int, dp_rank: int, dp_size: int,
-                 seed: int, dtype=np.float32, shuffle: str = "global", window: int = 8, read_ahead: bool = False):
+                 seed: int, dtype=np.float32, shuffle: str = "global", window: int = 8, read_ahead: bool = False,
+                 target_scale: tuple[np.ndarray, np.ndarray] | None = None):
         self.file = h5py.File(path, "r")
         self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
         self.n = self.x.shape[0]
@@ -71,6 +72,7 @@ class ShardedLoader:
         self._perm_epoch, self._perm = -1, None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpcopt-read-ahead") if read_ahead else None
         self._next: tuple[int, object] | None = None   # (step, future of its batch)
+        self.target_scale = target_scale                # regression targets read as (y - mean) / std
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -110,6 +112,10 @@ class ShardedLoader:
         y = np.empty((len(idx), *self.y.shape[1:]), dtype=self.y_dtype)
         x[order] = self.x[sorted_idx]
         y[order] = self.y[sorted_idx]
+        if self.target_scale is not None:
+            mean, std = self.target_scale
+            y -= mean.astype(y.dtype)
+            y /= std.astype(y.dtype)
         return x, y
 
     def slice(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

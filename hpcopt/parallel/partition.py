@@ -42,6 +42,14 @@ class Partition:
         self.global_buffers = modelspec.buffers(self.spec)
         self.reports_loss = self.stage.is_last and grid.tp_rank == 0  # one rank per dp replica
         self.dp_sum = self._dp_sum if sync_batch_stats and grid.dp > 1 else None
+        self.target_scale: tuple[np.ndarray, np.ndarray] | None = None   # (mean, std): data.normalize_targets
+
+    def denormalize(self, out: np.ndarray) -> np.ndarray:
+        """The network's output in the targets' original units (it trains on (y - mean) / std)."""
+        if self.target_scale is None:
+            return out
+        mean, std = self.target_scale
+        return (out.reshape(len(out), -1) * std.reshape(-1) + mean.reshape(-1)).astype(out.dtype).reshape(out.shape)
 
     def _dp_sum(self, a: np.ndarray) -> None:
         self.grid.dp_comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)

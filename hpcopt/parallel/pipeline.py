@@ -103,7 +103,7 @@ class PipelineExecutor:
         if not st.is_last:
             self.comm.Send(out, dest=self.next, tag=tag(TAG_EVAL, 0))
             return None
-        return st.score(out, labels) if self.partition.reports_loss else None
+        return st.score(self.partition.denormalize(out), labels) if self.partition.reports_loss else None
 
     def extra_metrics(self) -> dict:
         """This stage's last step as counted by the runner (rank 0's, stage 0's, is logged)."""

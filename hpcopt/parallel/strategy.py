@@ -98,7 +98,7 @@ class Sequential:
         st = stage or self.stage
         ctx = Ctx(self.partition.tp_sum, training=False)
         out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), ctx=ctx)[-1]
-        return st.score(out, labels) if self.partition.reports_loss else None
+        return st.score(self.partition.denormalize(out), labels) if self.partition.reports_loss else None
 
     def extra_metrics(self) -> dict:
         return {}
