@@ -60,9 +60,10 @@ def make_synthetic(out: str, samples: int, features: int, classes: int, seed: in
     with h5py.File(tmp, "w") as f:
         f.attrs.update(name="synthetic", classes=classes, features=features)
         for s, (split, n) in enumerate((("train", samples), ("test", test_samples))):
-            chunk_rows = max(1, min(n, (4 << 20) // (4 * features)))
-            xs = f.create_dataset(f"{split}/x", (n, features), np.float32)
-            ys = f.create_dataset(f"{split}/y", (n,), np.int64)
+            chunk_rows = max(1, min(n, (4 << 20) // (4 * features)))   # ~4 MiB of x per chunk
+            xs = f.create_dataset(f"{split}/x", (n, features), np.float32, chunks=(chunk_rows, features))
+            ys = f.create_dataset(f"{split}/y", (n,), np.int64, chunks=(chunk_rows,))
+            xs.attrs["chunk_samples"] = chunk_rows   # the unit of data.shuffle = "block"
             for c, start in enumerate(range(0, n, chunk_rows)):
                 stop = min(n, start + chunk_rows)
                 rng = _philox(seed, ((1 + s) << 32) + c)  # key: (seed, split·chunk)

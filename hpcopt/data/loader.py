@@ -9,11 +9,17 @@ Data larger than memory: nothing is held but the batch being read. `shuffle = "g
 draws any row for any batch, so each batch reads rows scattered over the file; `shuffle = "block"`
 shuffles the order of the file's chunks, then the rows within each window of `window` consecutive
 chunks (of that order): a batch then reads from a few chunks of one window, and the order is still a
-function of (seed, epoch) only. `read_ahead`: the next step's rows are read on a background thread
-while the current step computes (h5py serialises HDF5 calls; numpy's BLAS releases the GIL).
+function of (seed, epoch) only. The block loader reads whole chunks (one contiguous read each, once per
+epoch) and keeps at most two windows of them in memory, serving the batches of a window from there.
+`read_ahead`: the next step's rows are read on a background thread while the current step computes
+(h5py serialises HDF5 calls; numpy's BLAS releases the GIL).
+
+Measured (4 KiB rows, 256-row batches, page cache warm): h5py's fancy-index read of 256 scattered rows
+takes ~20 ms; the same batch from cached chunks ~1 ms, each 4 MiB chunk read once.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -72,6 +78,9 @@ class ShardedLoader:
         self._perm_epoch, self._perm = -1, None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpcopt-read-ahead") if read_ahead else None
         self._next: tuple[int, object] | None = None   # (step, future of its batch)
+        self._chunks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()   # block mode: chunk -> rows
+        self._window_steps = max(1, window * self.chunk // max(global_batch, 1))   # batches per window
+        self._prefetched = -1
         self.target_scale = target_scale                # regression targets read as (y - mean) / std
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -98,20 +107,55 @@ class ShardedLoader:
         or targets (B/dp, ...) in the model dtype. With read_ahead, step + 1's rows are read meanwhile."""
         if self._pool is None:
             return self.read(self.rows(step))
+        # every read runs on the one reader thread, in order: the chunk cache is never shared
         pending, self._next = self._next, None
-        out = pending[1].result() if pending is not None and pending[0] == step else self.read(self.rows(step))
-        following = self.rows(step + 1)   # computed here: the permutation is not shared with the thread
-        self._next = (step + 1, self._pool.submit(self.read, following))
+        if pending is not None and pending[0] == step:
+            out = pending[1].result()
+        else:
+            out = self._pool.submit(self.read, self.rows(step)).result()
+        self._next = (step + 1, self._pool.submit(self.read, self.rows(step + 1)))
+        if self.shuffle == "block":   # and the next window's chunks, while this window's batches compute
+            ahead = self.rows(step + self._window_steps)
+            first = int(ahead[0]) // self.chunk if len(ahead) else -1
+            if first not in self._chunks and first != self._prefetched:
+                self._prefetched = first
+                self._pool.submit(self._load, np.unique(ahead // self.chunk))
         return out
 
+    def _load(self, chunks: np.ndarray) -> None:
+        for c in chunks:
+            self._chunk(int(c))
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of chunk c (x in the model dtype, y), from memory or one contiguous read; at most two
+        windows of chunks are kept (a batch spans at most two windows)."""
+        if c in self._chunks:
+            self._chunks.move_to_end(c)
+            return self._chunks[c]
+        lo, hi = c * self.chunk, min(self.n, (c + 1) * self.chunk)
+        rows = (self.x[lo:hi].astype(self.dtype, copy=False), self.y[lo:hi].astype(self.y_dtype, copy=False))
+        self._chunks[c] = rows
+        while len(self._chunks) > 2 * self.window:
+            self._chunks.popitem(last=False)
+        return rows
+
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows idx (in that order). HDF5 wants increasing indices: read sorted, then put back in order."""
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
+        """Rows idx (in that order). Block shuffle: from whole chunks; global: HDF5 wants increasing
+        indices, so read sorted, then put back in order."""
         x = np.empty((len(idx), *self.x.shape[1:]), dtype=self.dtype)
         y = np.empty((len(idx), *self.y.shape[1:]), dtype=self.y_dtype)
-        x[order] = self.x[sorted_idx]
-        y[order] = self.y[sorted_idx]
+        if self.shuffle == "block":
+            chunk_of = idx // self.chunk
+            for c in np.unique(chunk_of):
+                sel = np.flatnonzero(chunk_of == c)
+                cx, cy = self._chunk(int(c))
+                x[sel] = cx[idx[sel] - c * self.chunk]
+                y[sel] = cy[idx[sel] - c * self.chunk]
+        else:
+            order = np.argsort(idx, kind="stable")
+            sorted_idx = idx[order]
+            x[order] = self.x[sorted_idx]
+            y[order] = self.y[sorted_idx]
         if self.target_scale is not None:
             mean, std = self.target_scale
             y -= mean.astype(y.dtype)
