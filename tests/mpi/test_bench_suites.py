@@ -4,6 +4,7 @@ someone measures with them. Nothing here asserts a time; the suites that launch 
 (ckpt, dp, pipeline) run their real launches."""
 import json
 import math
+import os
 
 import pytest
 
@@ -18,14 +19,18 @@ SUITES = {
     "dp": ["--layers", "32,16,10", "--batch", "8", "--steps", "2", "--repeats", "1"],
     "pipeline": ["--pp", "2", "--micro-batches", "2", "--width", "16", "--rows", "4", "--steps", "1",
                  "--repeats", "1"],
+    "step-cnn": ["--model", "cnn", "--batch", "2", "--steps", "1", "--repeats", "1"],
+    "stream": ["--gib", "0.002", "--features", "64", "--batch", "16", "--steps", "4", "--window", "2"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", list(SUITES))
-def test_suite_prints_rows_with_its_peer_and_ratio(suite):
-    p = hpcopt("bench", suite, "--json", "--threads", "1", *SUITES[suite], timeout=300)
+def test_suite_prints_rows_with_its_peer_and_ratio(suite, tmp_path):
+    name = suite.split("-")[0]   # step-cnn: the step suite with its CNN
+    p = hpcopt("bench", name, "--json", "--threads", "1", *SUITES[suite], timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
+    assert os.listdir(tmp_path) in ([], ["bench-stream-0.002g.h5"]), os.listdir(tmp_path)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert rows, p.stdout
     for r in rows:
