@@ -69,7 +69,9 @@ LAYERS: dict[str, dict[str, Key]] = {
                                    "elementwise (e.g. after a batchnorm)")},
     "layernorm": {"eps": Key("float", 1e-5, ge=0, doc="added to the variance")},
     "batchnorm": {"momentum": Key("float", 0.1, ge=0, le=1, doc="running statistics: r = (1-m) r + m v"),
-                  "eps": Key("float", 1e-5, ge=0, doc="added to the variance")},
+                  "eps": Key("float", 1e-5, ge=0, doc="added to the variance"),
+                  "activation": Key("str", "identity", choices=("identity", "relu", "tanh", "sigmoid"),
+                                    doc="applied after the affine step, fused into the same pass")},
     "dropout": {"p": Key("float", ge=0, lt=1, doc="probability of zeroing an element")},
     "residual": {"layers": Key("layers", doc="the block's layers; its output is added to its input "
                                              "(through a 1x1 projection when the shapes differ)")},

@@ -22,6 +22,8 @@ SUITES = {  # name -> (module, one-line description); modules load only when the
                  "1F1B vs GPipe step time"),
     "stream": ("hpcopt.bench.stream", "training from a 4 GiB file with the page cache dropped: block shuffle + "
                "read-ahead vs warm cache, vs global shuffle; loader memory"),
+    "conv": ("hpcopt.bench.conv", "conv2d/conv1d forward and forward+backward vs PyTorch CPU, GFLOP/s next to "
+             "the float32 GEMM rate"),
 }
 
 

@@ -26,9 +26,9 @@ def torch_mlp(torch, widths: list[int]):
 # The benchmark CNN (model.input, model.layer): conv -> BN -> ReLU, a residual block of two such
 # convolutions, global average pooling, a dense classifier; batch norm in training mode on both sides.
 CNN_INPUT = "[16, 32, 32]"
-CNN = ('[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm"}, {type="activation", function="relu"},'
-       ' {type="residual", layers=[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm"},'
-       ' {type="activation", function="relu"}, {type="conv2d", channels=16, kernel=3, padding=1},'
+CNN = ('[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm", activation="relu"},'
+       ' {type="residual", layers=[{type="conv2d", channels=16, kernel=3, padding=1},'
+       ' {type="batchnorm", activation="relu"}, {type="conv2d", channels=16, kernel=3, padding=1},'
        ' {type="batchnorm"}]}, {type="activation", function="relu"}, {type="global_avgpool"},'
        ' {type="dense", units=10}]')
 

@@ -1,17 +1,14 @@
-"""@njit CPU kernels for convolutional networks: im2col/col2im, pooling, layer/batch norm, dropout.
+"""@njit CPU kernels for convolutional networks: the convolution's column layout (im2col/col2im over
+padded planes, fused bias + activation), pooling, layer/batch norm, dropout.
 
 Layout NCHW throughout; float32 and float64 both compile (one specialisation per dtype). As in
-`cpu.py`, GEMMs are not here (numpy's matmul, BLAS) and every kernel runs on ONE thread: each is
-O(elements) next to the convolution GEMM's O(elements · C_out), and a threaded kernel right after a
-threaded GEMM waits for BLAS's spinning threads. Reductions (norm statistics, parameter gradients) run
-in a fixed order and accumulate in float64, so results do not depend on thread count or batch split
-beyond the order of the final cross-rank sum.
+`cpu.py`, GEMMs are not here (numpy's matmul, BLAS; nn/conv.py drives them) and every kernel runs on
+ONE thread: each is O(elements) next to the convolution GEMM's O(elements · C_out). Reductions (norm
+statistics, parameter gradients) run in a fixed order and accumulate in float64 (the weight-gradient
+kernel in float32 blocks, summed in chunk order), so results do not depend on thread count.
 
-Index conventions:
-    im2col row    r = (b·OH + oh)·OW + ow           (B·OH·OW rows)
-    im2col column k = (c·kh + i)·kw + j             (C·kh·kw columns: a torch weight (C_out, C, kh, kw)
-                                                      reshaped (C_out, C·kh·kw) matches it directly)
     input pixel   ih = oh·sh - ph + i·dh,  iw = ow·sw - pw + j·dw   (outside [0, H)×[0, W): zero padding)
+    column row    k = (c·kh + i)·kw + j: a torch weight (C_out, C, kh, kw) reshaped (C_out, C·kh·kw) matches
 """
 from __future__ import annotations
 
@@ -20,93 +17,276 @@ import math
 import numpy as np
 from numba import njit
 
+from .cpu import RELU, SIGMOID, TANH
+
 
 def conv_out_size(n: int, k: int, stride: int, pad: int, dil: int) -> int:
     """Output length of one spatial axis (torch's floor formula)."""
     return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-# ---------------------------------------------------------------- convolution: im2col / col2im
+# ---------------------------------------------------------------- convolution: plane (channel-major) layout
+#
+# The layout of nn/conv.py (Caffe's): for a chunk of nb images, columns (C·kh·kw, nb·OH·OW), row
+# k = (c·kh + i)·kw + j, column (bl·OH + oh)·OW + ow for image b0 + bl. Row k is input plane c shifted by
+# (i·dh, j·dw) and sampled with the stride, so im2col is OH runs of OW per (plane, i, j), contiguous
+# when sw = 1, and the GEMM W (C_out, C·kh·kw) @ cols comes out channel-major, (C_out, nb·OH·OW): each
+# image's NCHW block. Each plane is first copied into a zeroed buffer with the padding around it
+# (rows of pitch Wp = W + 2·pw), so no copy tests bounds, and that buffer stays in L1 while its kh·kw
+# shifted copies go out. The row pitch of a (rows, columns) buffer is its shape[1], which may exceed
+# nb·OH·OW (nn/conv.py pads rows to 64 bytes for BLAS); only the first nb·OH·OW columns are used.
+# Single-threaded like the rest of this file, but nogil: nn/conv.py runs them on several Python threads
+# at once, each on its own chunk of images.
+#
+# The kernels index flat views with uint64 offsets: numba wraps negative signed indices, a select per
+# access that keeps LLVM from vectorising short loops. Measured, one thread, x (64, 16, 32, 32) and
+# (64, 32, 8, 8), 3 × 3, padding 1, per image: im2col with 2-D signed indexing and runs clipped to the
+# valid range 160 µs and 35 µs; padded plane + uint64 offsets 19 µs and 8 µs (a plain copy of the same
+# 590 KB: 14-20 µs). Also measured and dropped: a "wide" grid (output rows of pitch Wp, junk columns
+# dropped later) makes each (plane, i, j) one long run, but its (Wp - OW)/Wp extra GEMM work (6 % at
+# 32 × 32, 25 % at 8 × 8) cost more than the shorter copies saved.
 
-@njit(cache=True)
-def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols):
-    """x (B, C, H, W) -> cols (B·OH·OW, C·kh·kw), every entry written (zero where the window is padding).
+_U = np.uint64
 
-    Loops run row-outer so the writes are contiguous (one row of C·kh·kw per output pixel).
-    """
+
+@njit(cache=True, nogil=True)
+def conv_pad_plane(xf, src0, H, W, ph, pw, plane):
+    """plane (flat, (H + 2ph)·(W + 2pw)) := the plane xf[src0 : src0 + H·W] (rows of W) with ph zero
+    rows above and below and pw zero columns left and right; every entry written."""
+    Wp = W + 2 * pw
+    pos = _U(0)
+    uW = _U(W)
+    for r in range(H):
+        base = _U((r + ph) * Wp + pw)
+        for t in range(pos, base):
+            plane[t] = 0
+        s = _U(src0 + r * W)
+        for t in range(uW):
+            plane[base + t] = xf[s + t]
+        pos = base + uW
+    for t in range(pos, _U(plane.shape[0])):
+        plane[t] = 0
+
+
+@njit(cache=True, nogil=True)
+def im2col_planes(x, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols):
+    """x (B, C, H, W) C-contiguous, images b0 .. b0 + nb -> cols (C·kh·kw, >= nb·OH·OW), the first nb·OH·OW
+    columns all written:
+    cols[(c·kh + i)·kw + j, (bl·OH + oh)·OW + ow] = x[b0 + bl, c, oh·sh - ph + i·dh, ow·sw - pw + j·dw]
+    (zero in the padding)."""
     B, C, H, W = x.shape
-    r = 0
-    for b in range(B):
-        for oh in range(OH):
-            h0 = oh * sh - ph
-            for ow in range(OW):
-                w0 = ow * sw - pw
-                k = 0
-                for c in range(C):
-                    for i in range(kh):
-                        ih = h0 + i * dh
-                        inside_h = 0 <= ih < H
-                        for j in range(kw):
-                            iw = w0 + j * dw
-                            if inside_h and 0 <= iw < W:
-                                cols[r, k] = x[b, c, ih, iw]
-                            else:
-                                cols[r, k] = 0
-                            k += 1
-                r += 1
-
-
-@njit(cache=True)
-def col2im(dcols, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, dx):
-    """The adjoint of im2col: dx (B, C, H, W) += scatter of dcols (B·OH·OW, C·kh·kw).
-
-    ACCUMULATES (an input pixel sits in several windows when stride < kernel): zero dx first.
-    Padding entries of dcols are dropped.
-    """
-    B, C, H, W = dx.shape
-    r = 0
-    for b in range(B):
-        for oh in range(OH):
-            h0 = oh * sh - ph
-            for ow in range(OW):
-                w0 = ow * sw - pw
-                k = 0
-                for c in range(C):
-                    for i in range(kh):
-                        ih = h0 + i * dh
-                        inside_h = 0 <= ih < H
-                        for j in range(kw):
-                            iw = w0 + j * dw
-                            if inside_h and 0 <= iw < W:
-                                dx[b, c, ih, iw] += dcols[r, k]
-                            k += 1
-                r += 1
-
-
-@njit(cache=True)
-def rows_to_nchw(z, y):
-    """z (B·OH·OW, C) -> y (B, C, OH, OW): the GEMM's pixel-major result in NCHW layout."""
-    B, C, OH, OW = y.shape
-    for b in range(B):
+    Wp = W + 2 * pw
+    N = OH * OW
+    L = cols.shape[1]
+    xf = x.reshape(-1)
+    cf = cols.reshape(-1)
+    plane = np.empty((H + 2 * ph) * Wp, x.dtype)
+    uow, usw = _U(OW), _U(sw)
+    for bl in range(nb):
         for c in range(C):
-            r = b * OH * OW
-            for oh in range(OH):
-                for ow in range(OW):
-                    y[b, c, oh, ow] = z[r, c]
-                    r += 1
+            conv_pad_plane(xf, ((b0 + bl) * C + c) * H * W, H, W, ph, pw, plane)
+            for i in range(kh):
+                for j in range(kw):
+                    d0 = ((c * kh + i) * kw + j) * L + bl * N
+                    s0 = i * dh * Wp + j * dw
+                    for oh in range(OH):
+                        d, s = _U(d0 + oh * OW), _U(s0 + oh * sh * Wp)
+                        if sw == 1:
+                            for t in range(uow):
+                                cf[d + t] = plane[s + t]
+                        else:
+                            for t in range(uow):
+                                cf[d + t] = plane[s + t * usw]
 
 
-@njit(cache=True)
-def nchw_to_rows(y, z):
-    """y (B, C, OH, OW) -> z (B·OH·OW, C): the inverse of rows_to_nchw."""
-    B, C, OH, OW = y.shape
-    r = 0
-    for b in range(B):
-        for oh in range(OH):
-            for ow in range(OW):
-                for c in range(C):
-                    z[r, c] = y[b, c, oh, ow]
-                r += 1
+@njit(cache=True, nogil=True)
+def col2im_planes(dcols, b0, nb, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, dx):
+    """The adjoint of im2col_planes: dx[b0 + bl] (C, H, W) := the sum of the rows of dcols
+    (C·kh·kw, >= nb·OH·OW) added back at their shifts, padding dropped. WRITES dx, C-contiguous (no
+    zero-fill needed): each plane is summed in a zeroed padded buffer that stays in L1, then its
+    interior copied out."""
+    B, C, H, W = dx.shape
+    Wp = W + 2 * pw
+    N = OH * OW
+    L = dcols.shape[1]
+    cf = dcols.reshape(-1)
+    xf = dx.reshape(-1)
+    plane = np.empty((H + 2 * ph) * Wp, dx.dtype)
+    uow, usw, uW = _U(OW), _U(sw), _U(W)
+    for bl in range(nb):
+        for c in range(C):
+            for t in range(_U(plane.shape[0])):
+                plane[t] = 0
+            for i in range(kh):
+                for j in range(kw):
+                    s0 = ((c * kh + i) * kw + j) * L + bl * N
+                    d0 = i * dh * Wp + j * dw
+                    for oh in range(OH):
+                        d, s = _U(d0 + oh * sh * Wp), _U(s0 + oh * OW)
+                        if sw == 1:
+                            for t in range(uow):
+                                plane[d + t] += cf[s + t]
+                        else:
+                            for t in range(uow):
+                                plane[d + t * usw] += cf[s + t]
+            out0 = ((b0 + bl) * C + c) * H * W
+            for r in range(H):
+                d, s = _U(out0 + r * W), _U((r + ph) * Wp + pw)
+                for t in range(uW):
+                    xf[d + t] = plane[s + t]
+
+
+@njit(cache=True, nogil=True)
+def bias_act_planes(z, bias, act, b0, nb, y):
+    """z (C_out, >= nb·N), a chunk's GEMM result -> y[b0 + bl] (C_out, N) = act(z[:, bl·N:(bl+1)·N] + bias);
+    y (B, C_out, N) C-contiguous. act: IDENTITY, RELU, TANH or SIGMOID (cpu.py), branched outside the
+    loops."""
+    Co, N = y.shape[1], y.shape[2]
+    L = z.shape[1]
+    zf = z.reshape(-1)
+    yf = y.reshape(-1)
+    un = _U(N)
+    for bl in range(nb):
+        for co in range(Co):
+            bb = bias[co]
+            s = _U(co * L + bl * N)
+            d = _U(((b0 + bl) * Co + co) * N)
+            if act == RELU:
+                for t in range(un):
+                    v = zf[s + t] + bb
+                    yf[d + t] = v if v > 0 else 0
+            elif act == TANH:
+                for t in range(un):
+                    yf[d + t] = math.tanh(zf[s + t] + bb)
+            elif act == SIGMOID:
+                for t in range(un):
+                    yf[d + t] = 1 / (1 + math.exp(-(zf[s + t] + bb)))
+            else:
+                for t in range(un):
+                    yf[d + t] = zf[s + t] + bb
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def act_backward_planes(dy, y, act, b0, nb, dz, dbias_acc):
+    """dy, y (B, C_out, N) C-contiguous -> dz (C_out, >= nb·N) := dy·act'(y) for images b0 .. b0 + nb in the
+    columns' order; dbias_acc (C_out,) float64 += the sum of dz per channel. The derivative is taken
+    from the OUTPUT y (relu: y > 0, tanh: 1 - y², sigmoid: y(1 - y)). `reassoc` lets LLVM sum in vector
+    lanes; the order is fixed by the code, not by the thread count."""
+    Co, N = dy.shape[1], dy.shape[2]
+    L = dz.shape[1]
+    gf = dy.reshape(-1)
+    af = y.reshape(-1)
+    df = dz.reshape(-1)
+    un = _U(N)
+    for bl in range(nb):
+        for co in range(Co):
+            acc = 0.0
+            s = _U(((b0 + bl) * Co + co) * N)
+            d = _U(co * L + bl * N)
+            if act == RELU:
+                for t in range(un):
+                    v = gf[s + t] if af[s + t] > 0 else 0
+                    df[d + t] = v
+                    acc += v
+            elif act == TANH:
+                for t in range(un):
+                    v = gf[s + t] * (1 - af[s + t] * af[s + t])
+                    df[d + t] = v
+                    acc += v
+            elif act == SIGMOID:
+                for t in range(un):
+                    v = gf[s + t] * (af[s + t] * (1 - af[s + t]))
+                    df[d + t] = v
+                    acc += v
+            else:
+                for t in range(un):
+                    v = gf[s + t]
+                    df[d + t] = v
+                    acc += v
+            dbias_acc[co] += acc
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def weight_grad_planes(cols, dz, L, out):
+    """out (C·kh·kw, C_out) := cols[:, :L] @ dz[:, :L]ᵀ, the weight gradient (transposed) of one chunk;
+    cols (C·kh·kw, >= L), dz (C_out, >= L). Tiles of 4 rows × 4 channels: 16 accumulators along the
+    pixels, which LLVM vectorises (`reassoc`: summed in vector lanes, an order fixed by the code), each
+    pixel's 4 + 4 loads feeding 16 FMAs; the rows and channels past the last whole tile are single dot
+    products. Measured (one thread, 64-byte-aligned rows): (144 × 1024) @ (1024 × 16) 85 GFLOP/s against
+    OpenBLAS's 68 (it packs the 590 KB of columns first), (80 × 768) @ (768 × 16) 81 against 59; but
+    with 32 channels OpenBLAS wins, 87 against 76 for (288 × 192) @ (192 × 32): nn/conv.py calls this
+    for C_out <= 16."""
+    Kd = cols.shape[0]
+    Co = dz.shape[0]
+    cf = cols.reshape(-1)
+    zf = dz.reshape(-1)
+    P = _U(cols.shape[1])
+    Pz = _U(dz.shape[1])
+    uL = _U(L)
+    K4 = Kd - Kd % 4
+    C4 = Co - Co % 4
+    zero = np.zeros(1, cols.dtype)[0]
+    for k0 in range(0, K4, 4):
+        a0 = _U(k0) * P
+        a1 = a0 + P
+        a2 = a1 + P
+        a3 = a2 + P
+        for c0 in range(0, C4, 4):
+            b0 = _U(c0) * Pz
+            b1 = b0 + Pz
+            b2 = b1 + Pz
+            b3 = b2 + Pz
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            for p in range(uL):
+                x0 = cf[a0 + p]
+                x1 = cf[a1 + p]
+                x2 = cf[a2 + p]
+                x3 = cf[a3 + p]
+                y0 = zf[b0 + p]
+                y1 = zf[b1 + p]
+                y2 = zf[b2 + p]
+                y3 = zf[b3 + p]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            out[k0, c0] = s00
+            out[k0, c0 + 1] = s01
+            out[k0, c0 + 2] = s02
+            out[k0, c0 + 3] = s03
+            out[k0 + 1, c0] = s10
+            out[k0 + 1, c0 + 1] = s11
+            out[k0 + 1, c0 + 2] = s12
+            out[k0 + 1, c0 + 3] = s13
+            out[k0 + 2, c0] = s20
+            out[k0 + 2, c0 + 1] = s21
+            out[k0 + 2, c0 + 2] = s22
+            out[k0 + 2, c0 + 3] = s23
+            out[k0 + 3, c0] = s30
+            out[k0 + 3, c0 + 1] = s31
+            out[k0 + 3, c0 + 2] = s32
+            out[k0 + 3, c0 + 3] = s33
+    for k in range(Kd):
+        a = _U(k) * P
+        for co in range(C4 if k < K4 else 0, Co):
+            b = _U(co) * Pz
+            acc = zero
+            for p in range(uL):
+                acc += cf[a + p] * zf[b + p]
+            out[k, co] = acc
 
 
 # ---------------------------------------------------------------- pooling
@@ -289,53 +469,61 @@ def batchnorm_stats(x, sums):
 
 
 @njit(cache=True)
-def batchnorm_normalize(x, mean, rstd, w, b, xhat, y):
-    """x (B, C, S); mean, rstd, w, b (C,) -> xhat = (x - mean)·rstd and y = xhat·w + b, both (B, C, S)."""
+def batchnorm_normalize(x, a, c, act, y):
+    """x, y (B, C, S); a, c (C,) in x's dtype: y = act(x·a + c), one fused pass (a = weight·rstd,
+    c = bias - mean·a: the normalisation folded into one multiply-add). act: identity, relu, tanh or
+    sigmoid (their derivative is taken from y)."""
     B, C, S = x.shape
     for bi in range(B):
-        for c in range(C):
-            m = mean[c]
-            rs = rstd[c]
-            wc = w[c]
-            bc = b[c]
-            for k in range(S):
-                xh = (x[bi, c, k] - m) * rs
-                xhat[bi, c, k] = xh
-                y[bi, c, k] = xh * wc + bc
+        for ch in range(C):
+            ac = a[ch]
+            cc = c[ch]
+            if act == RELU:
+                for k in range(S):
+                    v = x[bi, ch, k] * ac + cc
+                    y[bi, ch, k] = v if v > 0 else 0
+            elif act == TANH:
+                for k in range(S):
+                    y[bi, ch, k] = math.tanh(x[bi, ch, k] * ac + cc)
+            elif act == SIGMOID:
+                for k in range(S):
+                    y[bi, ch, k] = 1 / (1 + math.exp(-(x[bi, ch, k] * ac + cc)))
+            else:
+                for k in range(S):
+                    y[bi, ch, k] = x[bi, ch, k] * ac + cc
 
 
 @njit(cache=True)
-def batchnorm_backward_sums(dy, xhat, sums):
-    """dy, xhat (B, C, S) -> sums (2, C) float64: [sum dy, sum dy·xhat] over (B, S), summable over ranks.
-
-    On the global sums these ARE the parameter gradients: dbias = sums[0], dweight = sums[1].
-    """
+def batchnorm_backward_sums(dy, x, mean, sums):
+    """dy, x (B, C, S); mean (C,) float64 -> sums (2, C) float64: [sum dy, sum dy·(x - mean)] over (B, S),
+    summable over ranks (times rstd, the second is sum dy·xhat: the weight's gradient; the first is the
+    bias's). xhat is never stored: it is recomputed from x here and in batchnorm_backward_apply."""
     B, C, S = dy.shape
-    for c in range(C):
+    for ch in range(C):
+        m = mean[ch]
         s = 0.0
         q = 0.0
         for b in range(B):
             for k in range(S):
-                g = np.float64(dy[b, c, k])
+                g = np.float64(dy[b, ch, k])
                 s += g
-                q += g * xhat[b, c, k]
-        sums[0, c] = s
-        sums[1, c] = q
+                q += g * (x[b, ch, k] - m)
+        sums[0, ch] = s
+        sums[1, ch] = q
 
 
 @njit(cache=True)
-def batchnorm_backward_apply(dy, xhat, w, rstd, sum_dy, sum_dy_xhat, count, dx):
-    """dx (B, C, S) := w·rstd·(dy - sum_dy/count - xhat·sum_dy_xhat/count), with the GLOBAL sums and
-    count (the batch normalised together). Eval mode (fixed statistics) passes zero sums: dx = w·rstd·dy.
-    """
+def batchnorm_backward_apply(dy, x, a, b, c, dx):
+    """dx (B, C, S) := a·dy + b·x + c per channel (a, b, c (C,) in x's dtype): the batch-norm input
+    gradient w·rstd·(dy - sum dy/n - xhat·sum dy·xhat/n) with xhat = (x - mean)·rstd expanded."""
     B, C, S = dy.shape
-    for c in range(C):
-        a = w[c] * rstd[c]
-        m1 = sum_dy[c] / count
-        m2 = sum_dy_xhat[c] / count
-        for b in range(B):
+    for bi in range(B):
+        for ch in range(C):
+            ac = a[ch]
+            bc = b[ch]
+            cc = c[ch]
             for k in range(S):
-                dx[b, c, k] = a * (dy[b, c, k] - m1 - xhat[b, c, k] * m2)
+                dx[bi, ch, k] = ac * dy[bi, ch, k] + bc * x[bi, ch, k] + cc
 
 
 # ---------------------------------------------------------------- dropout (counter-based random stream)

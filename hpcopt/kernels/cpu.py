@@ -98,6 +98,22 @@ def act_forward(z, a, act):
 
 
 @njit(cache=True)
+def act_backward_from_output(dy, y, act):
+    """dy := dy·act'(x) in place (1-D views), with the derivative taken from the OUTPUT y = act(x):
+    relu [y > 0], tanh 1 - y², sigmoid y(1 - y) (identity: unchanged)."""
+    n = y.shape[0]
+    if act == RELU:
+        for i in range(n):
+            dy[i] = dy[i] if y[i] > 0 else 0
+    elif act == TANH:
+        for i in range(n):
+            dy[i] *= 1 - y[i] * y[i]
+    elif act == SIGMOID:
+        for i in range(n):
+            dy[i] *= y[i] * (1 - y[i])
+
+
+@njit(cache=True)
 def act_backward(dz, z, act):
     """dz := dz·act'(z) in place (1-D views), the derivative taken at the INPUT z: gelu' = Φ(z) + z·φ(z),
     silu' = σ(z)·(1 + z·(1 - σ(z))), relu' = [z > 0], tanh' = 1 - tanh², sigmoid' = σ(1 - σ)."""

@@ -107,7 +107,8 @@ def build_layer(u: Unit, split: str = FULL, tp: int = 1, tp_rank: int = 0, seed:
     elif t == "layernorm":
         layer = LayerNorm(u.name, shape, k["eps"])
     elif t == "batchnorm":
-        layer = (BatchNorm2d if len(shape) == 3 else BatchNorm1d)(u.name, shape[0], k["momentum"], k["eps"])
+        layer = (BatchNorm2d if len(shape) == 3 else BatchNorm1d)(u.name, shape[0], k["momentum"], k["eps"],
+                                                                  k["activation"])
     elif t == "dropout":
         layer = Dropout(u.name, k["p"], u.index, seed)
     elif t == "residual":

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..kernels import conv as KC
 from ..kernels import cpu as K
+from .conv import conv2d_backward, conv2d_forward
 from .layers import TRAIN, Ctx, activate, flat_view
 from .params import FlatParams, ParamSpec
 
@@ -102,74 +103,6 @@ class _NoParams(_Whole):
 
 
 # ================================================================ convolution
-
-def _cols(scratch: dict | None, shape: tuple[int, int], dtype) -> np.ndarray:
-    """The im2col matrix, reused from `scratch` while its shape and dtype hold."""
-    cols = None if scratch is None else scratch.get("cols")
-    if cols is None or cols.shape != shape or cols.dtype != dtype:
-        cols = np.empty(shape, dtype)
-        if scratch is not None:
-            scratch["cols"] = cols
-    return cols
-
-
-def conv2d_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride=1, padding=0, dilation=1,
-                   act: int = K.IDENTITY, scratch: dict | None = None) -> np.ndarray:
-    """x (B, C, H, W), weight (C_out, C, kh, kw), bias (C_out,) -> y = act(conv(x) + b) (B, C_out, OH, OW).
-
-    im2col into cols (B·OH·OW, C·kh·kw) (given scratch, or new), one GEMM with the weight viewed
-    (C_out, C·kh·kw), bias and activation fused over the (B·OH·OW, C_out) result, then NCHW layout.
-
-    Measured, x (64, 16, 32, 32), 16 3×3 filters, padding 1, float32, one thread: im2col 20-30 ms (its
-    38 MB matrix; a plain copy of as many bytes takes 9-11 ms here), GEMM 11-15 ms, layout 1 ms; torch's
-    direct conv2d 7 ms. The im2col matrix is the price of putting the arithmetic in one BLAS call.
-    """
-    B, C, H, W = x.shape
-    Co, _, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    OH, OW = KC.conv_out_size(H, kh, sh, ph, dh), KC.conv_out_size(W, kw, sw, pw, dw)
-    cols = _cols(scratch, (B * OH * OW, C * kh * kw), x.dtype)
-    KC.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols)
-    z = np.matmul(cols, weight.reshape(Co, -1).T)      # (B·OH·OW, C_out)
-    K.bias_act_forward(z, bias, act)
-    y = np.empty((B, Co, OH, OW), x.dtype)
-    KC.rows_to_nchw(z, y)
-    return y
-
-
-def conv2d_backward(x: np.ndarray, y: np.ndarray, dy: np.ndarray, weight: np.ndarray, dweight: np.ndarray,
-                    dbias: np.ndarray, stride=1, padding=0, dilation=1, act: int = K.IDENTITY,
-                    need_dx: bool = True, scratch: dict | None = None) -> np.ndarray | None:
-    """x (B, C, H, W), y and dy (B, C_out, OH, OW) -> dweight (C_out, C, kh, kw), dbias (C_out,) written
-    (both contiguous: the GEMM writes through a reshaped view); returns dx (B, C, H, W) when need_dx.
-
-    dz = dy·act'(y) and dbias by bias_act_backward over (B·OH·OW, C_out); dW = dzᵀ @ im2col(x) (the
-    columns are rebuilt from x: 1/C_out of the GEMM's flops but memory-bound, and no forward state);
-    dx = col2im(dz @ W). Measured on the shape above: 75-120 ms (torch forward + backward 25-35 ms),
-    of which im2col ~25, col2im ~20, the two GEMMs ~9 and ~15; keeping the forward's columns would
-    save the im2col at the cost of holding that matrix per layer until backward.
-    """
-    B, C, H, W = x.shape
-    Co, _, kh, kw = weight.shape
-    OH, OW = dy.shape[2], dy.shape[3]
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    dz = np.empty((B * OH * OW, Co), dy.dtype)
-    KC.nchw_to_rows(dy, dz)
-    a = dz                                              # identity: bias_act_backward never reads a
-    if act != K.IDENTITY:
-        a = np.empty_like(dz)
-        KC.nchw_to_rows(y, a)
-    K.bias_act_backward(dz, a, act, dbias)
-    cols = _cols(scratch, (B * OH * OW, C * kh * kw), x.dtype)
-    KC.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, cols)
-    np.matmul(dz.T, cols, out=dweight.reshape(Co, -1))
-    if not need_dx:
-        return None
-    dcols = np.matmul(dz, weight.reshape(Co, -1), out=cols)   # cols is spent: reuse it
-    dx = np.zeros(x.shape, x.dtype)
-    KC.col2im(dcols, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, dx)
-    return dx
-
 
 class Conv2d(_Whole):
     """y = act(conv2d(x, W) + b). x (B, C_in, H, W) -> y (B, C_out, OH, OW); W (C_out, C_in, kh, kw)."""
@@ -497,78 +430,99 @@ def batchnorm_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return sums[0], sums[1], xs.shape[0] * xs.shape[2]
 
 
+def _fold(mean: np.ndarray, rstd: np.ndarray, weight: np.ndarray, bias: np.ndarray, dtype):
+    """y = (x - mean)·rstd·w + b as y = x·a + c: (a, c) per channel, computed in float64, in x's dtype."""
+    a = rstd * weight
+    return a.astype(dtype), (bias - mean * a).astype(dtype)
+
+
 def batchnorm_forward_train(x: np.ndarray, sum_x: np.ndarray, sum_x2: np.ndarray, count: int,
                             weight: np.ndarray, bias: np.ndarray, running_mean: np.ndarray | None = None,
                             running_var: np.ndarray | None = None, momentum: float = 0.1,
-                            eps: float = 1e-5):
-    """Normalise x (B, C, ...) with the (possibly globally summed) statistics of batchnorm_stats.
+                            eps: float = 1e-5, act: int = K.IDENTITY):
+    """Normalise x (B, C, ...) with the (possibly globally summed) statistics of batchnorm_stats, then
+    the activation `act` (identity, relu, tanh, sigmoid), fused: one pass.
 
-    Returns (y, xhat, rstd): y and xhat shaped as x, rstd (C,) float64. Biased variance normalises;
-    running_mean/var (C,), if given, are updated in place as torch does:
-    r ← (1 - momentum)·r + momentum·v with the UNBIASED variance v·count/(count - 1).
+    Returns (y, mean, rstd): y shaped as x, mean and rstd (C,) float64 (backward recomputes xhat from x
+    with them: nothing of x's size is stored but y). Biased variance normalises; running_mean/var (C,),
+    if given, are updated in place as torch does: r ← (1 - momentum)·r + momentum·v with the UNBIASED
+    variance v·count/(count - 1).
     """
     mean = sum_x / count
     var = np.maximum(sum_x2 / count - mean * mean, 0.0)   # float64 sums: rounding can dip below 0 only at var ≈ 0
     rstd = 1.0 / np.sqrt(var + eps)
     xs = _bcs(x)
-    xhat, y = np.empty_like(xs), np.empty_like(xs)
-    KC.batchnorm_normalize(xs, mean, rstd, weight, bias, xhat, y)
+    y = np.empty_like(xs)
+    KC.batchnorm_normalize(xs, *_fold(mean, rstd, weight, bias, xs.dtype), act, y)
     if running_mean is not None:
         running_mean *= 1 - momentum
         running_mean += momentum * mean
     if running_var is not None:
         running_var *= 1 - momentum
         running_var += momentum * var * (count / max(count - 1, 1))
-    return y.reshape(x.shape), xhat.reshape(x.shape), rstd
+    return y.reshape(x.shape), mean, rstd
 
 
 def batchnorm_forward_eval(x: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray,
-                           weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5):
-    """Inference: normalise x (B, C, ...) with the running statistics. Returns (y, xhat, rstd (C,))."""
+                           weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5, act: int = K.IDENTITY):
+    """Inference: normalise x (B, C, ...) with the running statistics. Returns (y, mean, rstd (C,))."""
     mean = np.asarray(running_mean, np.float64)
     rstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     xs = _bcs(x)
-    xhat, y = np.empty_like(xs), np.empty_like(xs)
-    KC.batchnorm_normalize(xs, mean, rstd, weight, bias, xhat, y)
-    return y.reshape(x.shape), xhat.reshape(x.shape), rstd
+    y = np.empty_like(xs)
+    KC.batchnorm_normalize(xs, *_fold(mean, rstd, weight, bias, xs.dtype), act, y)
+    return y.reshape(x.shape), mean, rstd
 
 
-def batchnorm_backward_sums(dy: np.ndarray, xhat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """dy, xhat (B, C, ...) -> (sum dy (C,), sum dy·xhat (C,)), float64, summable over ranks.
+def batchnorm_backward_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
+                            rstd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dy, x (B, C, ...) -> (sum dy (C,), sum dy·xhat (C,)), float64, summable over ranks.
 
     On a rank's own rows they are that rank's dbias and dweight; summed over ranks, the global ones."""
     sums = np.empty((2, dy.shape[1]))
-    KC.batchnorm_backward_sums(_bcs(dy), _bcs(xhat), sums)
-    return sums[0], sums[1]
+    KC.batchnorm_backward_sums(_bcs(dy), _bcs(x), mean, sums)
+    return sums[0], sums[1] * rstd
 
 
-def batchnorm_backward_apply(dy: np.ndarray, xhat: np.ndarray, weight: np.ndarray, rstd: np.ndarray,
-                             sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, count: int) -> np.ndarray:
-    """dx (B, C, ...) = weight·rstd·(dy - sum_dy/count - xhat·sum_dy_xhat/count), on the GLOBAL sums and
-    count. Eval mode (statistics are constants) passes zero sums."""
+def batchnorm_backward_apply(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: np.ndarray,
+                             rstd: np.ndarray, sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, count: int) -> np.ndarray:
+    """dx (B, C, ...) = weight·rstd·(dy - sum_dy/count - xhat·sum_dy_xhat/count), xhat = (x - mean)·rstd,
+    on the GLOBAL sums and count, as one multiply-add pass dx = a·dy + b·x + c. Eval mode (statistics
+    are constants) passes zero sums."""
     dys = _bcs(dy)
+    g = weight * rstd                                   # float64 (C,)
+    b = -g * rstd * sum_dy_xhat / count
+    c = -g * sum_dy / count - b * mean
     dx = np.empty_like(dys)
-    KC.batchnorm_backward_apply(dys, _bcs(xhat), weight, rstd, sum_dy, sum_dy_xhat, count, dx)
+    KC.batchnorm_backward_apply(dys, _bcs(x), g.astype(dys.dtype), b.astype(dys.dtype), c.astype(dys.dtype), dx)
     return dx.reshape(dy.shape)
 
 
 class BatchNorm2d(_Affine):
     """x (B, C, H, W) -> y: per-channel batch normalisation, statistics over (B, H, W) of the rows
-    normalised together (summed over ranks by `ctx.dp_sum`, if given); weight, bias (C,).
+    normalised together (summed over ranks by `ctx.dp_sum`, if given); weight, bias (C,); then the
+    activation (identity, relu, tanh or sigmoid), fused into the same pass.
 
     running_mean/running_var (C,) float64 are buffers, not parameters: no gradient, no optimizer step;
     checkpoints save them beside the flat buffer (`buffer_specs`, `bind_buffers`; unbound, the layer
     keeps its own). `ctx.training` False: normalise with them. Parameter gradients are this rank's
     sums (dweight = sum dy·xhat, dbias = sum dy over its rows): the data-parallel gradient sum then
     makes them the global ones, as for every other parameter (torch's SyncBatchNorm does the same);
-    dx uses the globally summed terms.
+    dx uses the globally summed terms. Saved for backward: x (held anyway by the caller), y when an
+    activation needs it, and (C,) statistics; xhat is recomputed.
     """
 
     ndim = 3  # per-sample dims
 
-    def __init__(self, name: str, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, name: str, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
+                 activation: str = "identity"):
         self.name, self.C = name, num_features
         self.momentum, self.eps = momentum, eps
+        self.activation = activation
+        self.act = K.ACTIVATIONS[activation]
+        if self.act in K.FROM_INPUT:
+            raise ValueError(f"{name}: activation {activation} cannot be fused into batchnorm (relu, tanh, "
+                             f"sigmoid can); add an activation layer after it")
         self.running_mean = np.zeros(num_features)
         self.running_var = np.ones(num_features)
 
@@ -594,24 +548,30 @@ class BatchNorm2d(_Affine):
         """x (B, C, ...) -> (y shaped as x, saved); training: one ctx.dp_sum of [sum x, sum x², count]."""
         self.out_shape(x.shape[1:])
         if not ctx.training:
-            y, xhat, rstd = batchnorm_forward_eval(x, self.running_mean, self.running_var, self.W, self.b, self.eps)
-            return y, (xhat, rstd, 0)
+            y, mean, rstd = batchnorm_forward_eval(x, self.running_mean, self.running_var, self.W, self.b, self.eps,
+                                                   self.act)
+            return y, (x, y, mean, rstd, 0)
         s, q, n = batchnorm_stats(x)
         packed = np.concatenate([s, q, [n]])
         if ctx.dp_sum is not None:
             ctx.dp_sum(packed)
         C = self.C
         count = int(round(packed[2 * C]))
-        y, xhat, rstd = batchnorm_forward_train(x, packed[:C], packed[C:2 * C], count, self.W, self.b,
-                                                self.running_mean, self.running_var, self.momentum, self.eps)
-        return y, (xhat, rstd, count)
+        y, mean, rstd = batchnorm_forward_train(x, packed[:C], packed[C:2 * C], count, self.W, self.b,
+                                                self.running_mean, self.running_var, self.momentum, self.eps,
+                                                self.act)
+        return y, (x, y, mean, rstd, count)
 
     def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False,
                  ctx: Ctx = TRAIN, dx_out=None) -> np.ndarray | None:
-        """dy shaped as x -> dweight, dbias (C,) written (added if accumulate): this rank's sums;
-        dx from the globally summed [sum dy, sum dy·xhat] (one ctx.dp_sum) when need_dx."""
-        xhat, rstd, count = saved
-        s_dy, s_dyx = batchnorm_backward_sums(dy, xhat)
+        """dy shaped as x (overwritten when an activation is fused) -> dweight, dbias (C,) written (added
+        if accumulate): this rank's sums; dx from the globally summed [sum dy, sum dy·xhat] (one
+        ctx.dp_sum) when need_dx."""
+        x, y, mean, rstd, count = saved
+        if self.act != K.IDENTITY:
+            dy = np.ascontiguousarray(dy)
+            K.act_backward_from_output(flat_view(dy), flat_view(y), self.act)
+        s_dy, s_dyx = batchnorm_backward_sums(dy, x, mean, rstd)
         if accumulate:
             self.dW += s_dyx
             self.db += s_dy
@@ -622,11 +582,11 @@ class BatchNorm2d(_Affine):
             return None
         if count == 0:   # normalised with the running statistics: constants
             zero = np.zeros(self.C)
-            return batchnorm_backward_apply(dy, xhat, self.W, rstd, zero, zero, 1)
+            return batchnorm_backward_apply(dy, x, self.W, mean, rstd, zero, zero, 1)
         packed = np.concatenate([s_dy, s_dyx])
         if ctx.dp_sum is not None:
             ctx.dp_sum(packed)
-        return batchnorm_backward_apply(dy, xhat, self.W, rstd, packed[:self.C], packed[self.C:], count)
+        return batchnorm_backward_apply(dy, x, self.W, mean, rstd, packed[:self.C], packed[self.C:], count)
 
 
 class BatchNorm1d(BatchNorm2d):

@@ -109,6 +109,29 @@ def test_batchnorm_gradcheck(layer, shape, training):
     layer.momentum = momentum
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_batchnorm_with_fused_activation_gradcheck(act):
+    rng = np.random.default_rng(8)
+    finite_difference_check(BatchNorm2d("bn", 3, activation=act), rng.standard_normal((4, 3, 3, 2)) * 1.5, rng)
+
+
+def test_batchnorm_with_fused_relu_matches_torch():
+    rng = np.random.default_rng(15)
+    layer = BatchNorm2d("bn", 4, activation="relu")
+    bind(layer, np.float32, rng)
+    x = (rng.standard_normal((6, 4, 5, 5)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, saved = layer.forward(x)
+    dx = layer.backward(saved, dy.copy(), True)
+    xt, wt, bt = torch_leaf(x), torch_leaf(layer.W.copy()), torch_leaf(layer.b.copy())
+    yt = torch.relu(F.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-5))
+    yt.backward(torch.tensor(dy))
+    close(y, yt)
+    close(dx, xt.grad)
+    close(layer.dW, wt.grad)
+    close(layer.db, bt.grad)
+
+
 def test_dropout_gradcheck():
     rng = np.random.default_rng(6)
     layer = Dropout("drop", 0.4, layer_index=2, seed=9)
@@ -250,9 +273,9 @@ def test_sync_batchnorm_functional_halves_equal_whole():
 
     s, q, n = batchnorm_stats(x)
     rm, rv = np.zeros(4), np.ones(4)
-    y, xhat, rstd = batchnorm_forward_train(x, s, q, n, w, b, rm, rv)
-    sdy, sdyx = batchnorm_backward_sums(dy, xhat)
-    dx = batchnorm_backward_apply(dy, xhat, w, rstd, sdy, sdyx, n)
+    y, mean, rstd = batchnorm_forward_train(x, s, q, n, w, b, rm, rv)
+    sdy, sdyx = batchnorm_backward_sums(dy, x, mean, rstd)
+    dx = batchnorm_backward_apply(dy, x, w, mean, rstd, sdy, sdyx, n)
 
     halves = (slice(0, 3), slice(3, 10))   # unequal split: counts must add, not average
     stats = [batchnorm_stats(x[h]) for h in halves]
@@ -261,9 +284,9 @@ def test_sync_batchnorm_functional_halves_equal_whole():
     rm2, rv2 = np.zeros(4), np.ones(4)
     outs = [batchnorm_forward_train(x[h], S, Q, N, w, b, rm2 if k == 0 else None, rv2 if k == 0 else None)
             for k, h in enumerate(halves)]
-    sums = [batchnorm_backward_sums(dy[h], o[1]) for h, o in zip(halves, outs)]
+    sums = [batchnorm_backward_sums(dy[h], x[h], o[1], o[2]) for h, o in zip(halves, outs)]
     SDY, SDYX = sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]
-    dxs = [batchnorm_backward_apply(dy[h], o[1], w, o[2], SDY, SDYX, N) for h, o in zip(halves, outs)]
+    dxs = [batchnorm_backward_apply(dy[h], x[h], w, o[1], o[2], SDY, SDYX, N) for h, o in zip(halves, outs)]
     np.testing.assert_allclose(np.concatenate([o[0] for o in outs]), y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.concatenate(dxs), dx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(SDYX, sdyx, rtol=1e-12)   # dweight
