@@ -74,7 +74,9 @@ LAYERS: dict[str, dict[str, Key]] = {
                                     doc="applied after the affine step, fused into the same pass")},
     "dropout": {"p": Key("float", ge=0, lt=1, doc="probability of zeroing an element")},
     "residual": {"layers": Key("layers", doc="the block's layers; its output is added to its input "
-                                             "(through a 1x1 projection when the shapes differ)")},
+                                             "(through a 1x1 projection when the shapes differ)"),
+                 "activation": Key("str", "identity", choices=("identity", "relu", "tanh", "sigmoid"),
+                                   doc="applied to the sum, fused into the same pass")},
 }
 PARAMETRISED = ("dense", "conv2d", "conv1d", "layernorm", "batchnorm")
 
@@ -102,7 +104,10 @@ class Unit:
             yield from u.walk()
 
     def as_dict(self) -> dict:
-        d = {"type": self.type, **self.keys}
+        """The layer's table with every key that differs from its default (so a key added later, with a
+        default, leaves the description of earlier models unchanged)."""
+        keys = LAYERS[self.type]
+        d = {"type": self.type, **{k: v for k, v in self.keys.items() if v != keys[k].default}}
         if self.type == "residual":
             d["layers"] = [u.as_dict() for u in self.layers]
         return d

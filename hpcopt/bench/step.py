@@ -24,13 +24,13 @@ def torch_mlp(torch, widths: list[int]):
 
 
 # The benchmark CNN (model.input, model.layer): conv -> BN -> ReLU, a residual block of two such
-# convolutions, global average pooling, a dense classifier; batch norm in training mode on both sides.
+# convolutions (ReLU after the sum), global average pooling, a dense classifier; batch norm in
+# training mode on both sides. hpcopt's BN and residual ReLUs are fused into their layers' passes.
 CNN_INPUT = "[16, 32, 32]"
 CNN = ('[{type="conv2d", channels=16, kernel=3, padding=1}, {type="batchnorm", activation="relu"},'
-       ' {type="residual", layers=[{type="conv2d", channels=16, kernel=3, padding=1},'
+       ' {type="residual", activation="relu", layers=[{type="conv2d", channels=16, kernel=3, padding=1},'
        ' {type="batchnorm", activation="relu"}, {type="conv2d", channels=16, kernel=3, padding=1},'
-       ' {type="batchnorm"}]}, {type="activation", function="relu"}, {type="global_avgpool"},'
-       ' {type="dense", units=10}]')
+       ' {type="batchnorm"}]}, {type="global_avgpool"}, {type="dense", units=10}]')
 
 
 def torch_cnn(torch):

@@ -98,6 +98,26 @@ def act_forward(z, a, act):
 
 
 @njit(cache=True)
+def add_act(h, p, act, y):
+    """y := act(h + p) elementwise over 1-D views (a residual block's sum and its activation, one pass);
+    act: identity, relu, tanh or sigmoid."""
+    n = h.shape[0]
+    if act == RELU:
+        for i in range(n):
+            v = h[i] + p[i]
+            y[i] = v if v > 0 else 0
+    elif act == TANH:
+        for i in range(n):
+            y[i] = math.tanh(h[i] + p[i])
+    elif act == SIGMOID:
+        for i in range(n):
+            y[i] = 1 / (1 + math.exp(-(h[i] + p[i])))
+    else:
+        for i in range(n):
+            y[i] = h[i] + p[i]
+
+
+@njit(cache=True)
 def act_backward_from_output(dy, y, act):
     """dy := dy·act'(x) in place (1-D views), with the derivative taken from the OUTPUT y = act(x):
     relu [y > 0], tanh 1 - y², sigmoid y(1 - y) (identity: unchanged)."""

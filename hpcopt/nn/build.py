@@ -11,19 +11,23 @@ from typing import Iterator
 import numpy as np
 
 from ..modelspec import Unit
-from .layers import FULL, TRAIN, Ctx, Dense
+from ..kernels import cpu as K
+from .layers import FULL, TRAIN, Ctx, Dense, flat_view
 from .layers2d import (Activation, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, Flatten, GlobalAvgPool,
                        LayerNorm, MaxPool2d)
 from .params import ParamSpec
 
 
 class Residual:
-    """y = body(x) + x, or body(x) + proj(x) when the body changes the shape (proj: a dense layer for
-    flat shapes, a strided 1x1 convolution for images and sequences). The projection's tensors are the
+    """y = act(body(x) + x), or act(body(x) + proj(x)) when the body changes the shape (proj: a dense
+    layer for flat shapes, a strided 1x1 convolution for images and sequences); act: the block's
+    `activation` (identity, relu, tanh, sigmoid), fused into the sum. The projection's tensors are the
     block's own: "<residual name>.weight" / ".bias". x's gradient is the body's plus the skip's."""
 
     def __init__(self, unit: Unit, body: list, seed: int):
         self.name, self.index, self.body = unit.name, unit.index, body
+        self.activation = unit.keys.get("activation", "identity")
+        self.act = K.ACTIVATIONS[self.activation]
         self.proj = None
         a, b = unit.in_shape, unit.out_shape
         if unit.projection == "dense":
@@ -59,11 +63,17 @@ class Residual:
             p, ps = self.proj.forward(x, ctx)
         else:
             p, ps = x, None
-        return h + p, (saved, ps)
+        h, p = np.ascontiguousarray(h), np.ascontiguousarray(p)
+        y = np.empty_like(h)
+        K.add_act(flat_view(h), flat_view(p), self.act, flat_view(y))   # act(body + skip), one pass
+        return y, (saved, ps, y)
 
     def backward(self, saved, dy: np.ndarray, need_dx: bool, accumulate: bool = False, ctx: Ctx = TRAIN,
                  dx_out=None) -> np.ndarray | None:
-        body_saved, ps = saved
+        body_saved, ps, y = saved
+        if self.act != K.IDENTITY:
+            dy = np.ascontiguousarray(dy)
+            K.act_backward_from_output(flat_view(dy), flat_view(y), self.act)
         d = dy.copy()   # the body's layers overwrite the gradient they are given; dy also feeds the skip
         for j in range(len(self.body) - 1, -1, -1):
             d = self.body[j].backward(body_saved[j], d, need_dx or j > 0, accumulate, ctx)

@@ -409,6 +409,10 @@ def stage_fd(stage: Stage, x: np.ndarray, rng, ctx: Ctx):
     # conv1d: a strided 1x1 conv1d projection
     ([2, 7], ['{type="residual",layers=[{type="conv1d",channels=3,kernel=3,padding=1,stride=2},'
               '{type="activation",function="tanh"}]}'], "conv"),
+    # the sum's fused activation, and batch norm's (derivatives from the outputs)
+    ([2, 4, 5], ['{type="residual",activation="tanh",layers=[{type="conv2d",channels=2,kernel=3,padding=1},'
+                 '{type="batchnorm",activation="sigmoid"},{type="conv2d",channels=2,kernel=3,padding=1}]}'], ""),
+    ([5], ['{type="residual",activation="sigmoid",layers=[{type="dense",units=4,activation="silu"}]}'], "dense"),
 ])
 def test_residual_gradcheck(input_shape, tables, projection):
     rng = np.random.default_rng(32)
