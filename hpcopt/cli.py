@@ -11,6 +11,7 @@ import sys
 
 from .errors import ConfigError, HpcoptError
 
+PDE_PROBLEMS = ("darcy2d", "heat2d", "burgers1d")  # hpcopt/data/pde.py PROBLEMS (kept numpy-free here)
 EXIT_RESUME = 75  # `train` checkpointed on SIGUSR1/SIGTERM and wants to be resumed (EX_TEMPFAIL)
 
 
@@ -67,6 +68,8 @@ def write_status(code: int) -> None:
 
 
 def _data_make(args) -> int:
+    if args.name in PDE_PROBLEMS:
+        return _data_make_pde(args)
     from .data import make_digits, make_synthetic
     from .errors import DataError
 
@@ -74,7 +77,8 @@ def _data_make(args) -> int:
         if args.name == "digits":
             make_digits(args.out)
         else:
-            make_synthetic(args.out, args.samples, args.features, args.classes, seed=args.seed)
+            samples = 10000 if args.samples is None else args.samples
+            make_synthetic(args.out, samples, args.features, args.classes, seed=args.seed)
     except OSError as e:
         raise DataError(f"{args.out}: cannot write ({e.strerror or e})") from None
     from .data import inspect
@@ -82,6 +86,21 @@ def _data_make(args) -> int:
     info = inspect(args.out)
     print(f"wrote {args.out}: {info.name}, {info.sizes['train']} train + {info.sizes['test']} test samples, "
           f"{info.features} features, {info.classes} classes")
+    return 0
+
+
+def _data_make_pde(args) -> int:
+    """PDE input/solution pairs, written by all ranks of the job together (docs/data.md)."""
+    from .comm import root_print
+    from .data import pde
+
+    if args.samples is None:
+        args.samples = 1000
+    info = pde.run_from_args(args, args.name)  # collective; a failure raises alike on every rank
+    n = info.sizes["train"] + info.sizes["test"]
+    root_print(f"wrote {info.path}: {info.problem}, {info.sizes['train']} train + {info.sizes['test']} test "
+               f"samples, x {info.input_shape}, y {info.target_shape}, {info.seconds:.1f} s on {info.ranks} "
+               f"rank(s) ({n / info.seconds:.1f} samples/s)")
     return 0
 
 
@@ -187,13 +206,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="make, import and describe data sets").add_subparsers(dest="data_cmd", required=True)
     m = d.add_parser("make", help="write a bundled data set as HDF5",
-                     description="digits: scikit-learn's 8x8 digits; synthetic: Gaussian clusters of any size.")
-    m.add_argument("name", choices=["digits", "synthetic"])
+                     description="digits: scikit-learn's 8x8 digits; synthetic: Gaussian clusters of any size; "
+                     "darcy2d, heat2d, burgers1d: PDE input/solution pairs for surrogate models, generated "
+                     "by all ranks of an mpirun job into one file (docs/data.md).")
+    m.add_argument("name", choices=["digits", "synthetic", *PDE_PROBLEMS])
     m.add_argument("out", help="output file (.h5)")
-    m.add_argument("--samples", type=int, default=10000, help="synthetic: training samples")
+    m.add_argument("--samples", type=int, default=None, help="synthetic: training samples (default 10000); "
+                   "PDE problems: all samples, train + test (default 1000)")
     m.add_argument("--features", type=int, default=64, help="synthetic: features per sample")
     m.add_argument("--classes", type=int, default=10, help="synthetic: classes")
-    m.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    m.add_argument("--seed", type=int, default=0, help="synthetic, PDE problems: seed")
+    pg = m.add_argument_group("PDE problems (defaults: hpcopt/data/pde.py DEFAULTS)")
+    pg.add_argument("--grid", type=int, default=64, help="grid points per side")
+    pg.add_argument("--test-fraction", type=float, default=0.2, help="share of test samples")
+    pg.add_argument("--chunk-samples", type=int, default=64, help="samples per HDF5 chunk")
+    pg.add_argument("--compression", type=int, default=None, metavar="LEVEL", help="gzip level 0-9 (default: none)")
+    pg.add_argument("--coefficient", choices=["threshold", "lognormal"], help="darcy2d: 12/3 or exp(GRF)")
+    pg.add_argument("--solver", choices=["auto", "cholesky", "pcg"], help="darcy2d: linear solver")
+    pg.add_argument("--alpha", type=float, help="random field smoothness")
+    pg.add_argument("--tau", type=float, help="random field inverse length scale")
+    pg.add_argument("--sigma", type=float, help="random field amplitude")
+    pg.add_argument("--kappa", type=float, help="heat2d: diffusivity")
+    pg.add_argument("--nu", type=float, help="burgers1d: viscosity")
+    pg.add_argument("--T", type=float, dest="T", help="heat2d, burgers1d: final time")
+    pg.add_argument("--steps", type=int, help="heat2d: Crank-Nicolson steps")
+    pg.add_argument("--cfl", type=float, help="burgers1d: CFL number")
+    pg.add_argument("--scheme", choices=["muscl", "rusanov"], help="burgers1d: flux reconstruction")
+    pg.add_argument("--refine", type=int, help="solve on a grid REFINE times finer")
+    pg.add_argument("--modes", type=int, help="random field modes per axis")
     m.set_defaults(fn=_data_make)
     im = d.add_parser("import", help="write your own arrays (.npz, .npy, .h5) as an hpcopt data file",
                       description="Integer labels (N,) make a classification file; float targets (any shape) a "

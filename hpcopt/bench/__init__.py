@@ -20,6 +20,8 @@ SUITES = {  # name -> (module, one-line description); modules load only when the
            "sync vs a bare Allreduce; overlap; scaling 1 -> 2 ranks"),
     "pipeline": ("hpcopt.bench.pipeline", "pipeline bubble for P = 2, 4 and M = 4, 8, 16 vs (P-1)/(M+P-1); "
                  "1F1B vs GPipe step time"),
+    "surrogate": ("hpcopt.bench.surrogate", "a Darcy-flow CNN surrogate trained by hpcopt and PyTorch from the same "
+                  "weights and batches: test relative L2 of both, time"),
     "stream": ("hpcopt.bench.stream", "training from a 4 GiB file with the page cache dropped: block shuffle + "
                "read-ahead vs warm cache, vs global shuffle; loader memory"),
     "conv": ("hpcopt.bench.conv", "conv2d/conv1d forward and forward+backward vs PyTorch CPU, GFLOP/s next to "

@@ -21,6 +21,7 @@ SUITES = {
                  "--repeats", "1"],
     "step-cnn": ["--model", "cnn", "--batch", "2", "--steps", "1", "--repeats", "1"],
     "stream": ["--gib", "0.002", "--features", "64", "--batch", "16", "--steps", "4", "--window", "2"],
+    "surrogate": ["--samples", "40", "--grid", "8", "--steps", "3", "--batch", "8"],
 }
 
 
@@ -30,7 +31,7 @@ def test_suite_prints_rows_with_its_peer_and_ratio(suite, tmp_path):
     name = suite.split("-")[0]   # step-cnn: the step suite with its CNN
     p = hpcopt("bench", name, "--json", "--threads", "1", *SUITES[suite], timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert os.listdir(tmp_path) in ([], ["bench-stream-0.002g.h5"]), os.listdir(tmp_path)
+    assert os.listdir(tmp_path) in ([], ["bench-stream-0.002g.h5"], ["bench-darcy-8-40.h5"]), os.listdir(tmp_path)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert rows, p.stdout
     for r in rows:
