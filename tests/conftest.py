@@ -1,6 +1,9 @@
 """Shared fixtures: the digits data file and a launcher for real MPI runs."""
 from __future__ import annotations
 
+import compileall
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +11,20 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The hundreds of `python -m hpcopt` processes the tests start read hpcopt's bytecode from __pycache__;
+# where PYTHONDONTWRITEBYTECODE is set none of them would write it, and each would compile every module
+# again (about 0.2 s of each start-up). Written once here; a module edited later is recompiled as usual.
+compileall.compile_dir(os.path.join(REPO, "hpcopt"), quiet=2)
+
+# Open MPI in every process the tests start (inherited through mpirun, srun and sbatch): the ob1 messaging
+# layer, which moves the messages of ranks on one node (all these tests have) through shared memory, and
+# no helper daemon for a process started alone. Left to choose, each MPI_Init first probes the layers
+# for cluster networks (cm: PSM, PSM2, libfabric), and each lone process starts an orted for spawns that
+# hpcopt never makes: 0.2-0.4 s of each of the suite's hundreds of start-ups. A value set by whoever runs
+# the tests is kept. (hpcopt's own commands ask for the second themselves: cli.main.)
+os.environ.setdefault("OMPI_MCA_pml", "ob1")
+os.environ.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
 
 
 def mpirun_cmd(n: int, args: list[str], export: tuple[str, ...] = ()) -> list[str]:
@@ -42,6 +59,37 @@ def run(args: list[str], n: int | None = None, timeout: float = 120, cwd: str | 
 
 def hpcopt(*args: str, n: int | None = None, timeout: float = 120, check: bool = False, cwd=None):
     return run(["-m", "hpcopt", *args], n=n, timeout=timeout, check=check, cwd=cwd)
+
+
+def hpcopt_here(*args: str) -> tuple[int, str, str]:
+    """`hpcopt ARGS` through its entry point (cli.main) in this process: (exit code, stdout, stderr).
+    For the commands that only read files (ckpt verify, ckpt export), where a test needs what they
+    check or write and not a process of their own: the same code without a process start-up."""
+    from hpcopt import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def ckpt_verify(ckpt) -> str:
+    """`hpcopt ckpt verify CKPT` (in this process) must succeed; its output line."""
+    code, out, err = hpcopt_here("ckpt", "verify", str(ckpt))
+    if code != 0:
+        pytest.fail(f"hpcopt ckpt verify {ckpt}: exit {code}\n{out}{err}")
+    return out
+
+
+def ckpt_export(ckpt, npz) -> dict:
+    """`hpcopt ckpt export CKPT NPZ` (in this process) must succeed; the arrays it wrote."""
+    code, out, err = hpcopt_here("ckpt", "export", str(ckpt), str(npz))
+    if code != 0:
+        pytest.fail(f"hpcopt ckpt export {ckpt} {npz}: exit {code}\n{out}{err}")
+    import numpy as np
+
+    with np.load(npz) as z:
+        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,20 @@ def run(tmp_path_factory, digits):
     return d, out, read_params(straight / "checkpoints" / "step_00000015.h5")
 
 
+@pytest.fixture(scope="module")
+def undisturbed(run, digits):
+    """The 2-rank fallback without a flipped file beside it: the run's step-10 checkpoint removed, resumed
+    (from step 5) to step 15 on 2 ranks; its step-15 params (one run, whatever was flipped)."""
+    d, out, _ = run
+    rundir = d / "undisturbed"
+    shutil.copytree(out, rundir)
+    for f in (rundir / "checkpoints").glob("step_00000010.h5*"):
+        f.unlink()
+    hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={rundir}", "run.steps=15", *SHORT,
+           "--resume", "auto", n=2, timeout=180, check=True)
+    return read_params(rundir / "checkpoints" / "step_00000015.h5")
+
+
 def read_params(path) -> dict:
     """A checkpoint's global parameters, read and verified in this process (as `ckpt export` does)."""
     from hpcopt import checkpoint
@@ -138,7 +152,7 @@ def test_ckpt_verify_reports_a_flip_in_5_s(run, tmp_path, where):
 
 @pytest.mark.parametrize("where,n", [("random", 1), ("metadata", 1), ("attributes", 1), ("random", 2),
                                      ("attributes", 2)])
-def test_resume_auto_falls_back_past_a_flipped_newest_checkpoint(run, tmp_path, digits, where, n):
+def test_resume_auto_falls_back_past_a_flipped_newest_checkpoint(run, tmp_path, digits, request, where, n):
     d, out, want = run
     rundir = tmp_path / "run"
     shutil.copytree(out, rundir)
@@ -154,13 +168,8 @@ def test_resume_auto_falls_back_past_a_flipped_newest_checkpoint(run, tmp_path, 
     assert "skipping" in p.stderr and "step_00000010.h5" in p.stderr and "step 5" in p.stderr, p.stderr
     got = read_params(rundir / "checkpoints" / "step_00000015.h5")
     if n > 1:  # the undisturbed run on 2 ranks: the same fallback to step 5, without a flipped file beside it
-        undisturbed = tmp_path / "undisturbed"
-        shutil.copytree(out, undisturbed)
-        for f in (undisturbed / "checkpoints").glob("step_00000010.h5*"):
-            f.unlink()
-        hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={undisturbed}", "run.steps=15", *SHORT,
-               "--resume", "auto", n=n, timeout=180, check=True)
-        want = read_params(undisturbed / "checkpoints" / "step_00000015.h5")
+        assert n == 2
+        want = request.getfixturevalue("undisturbed")
     for k in want:
         assert np.array_equal(got[k], want[k]), (k, offset)
 

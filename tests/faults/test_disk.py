@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, hpcopt
+from tests.conftest import REPO, ckpt_export, ckpt_verify, hpcopt
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 # 301,066 parameters with Adam: about 3.6 MB per checkpoint; the 6 MB disk holds one, not two
@@ -40,7 +40,7 @@ def test_full_disk_during_a_checkpoint_then_resume_exactly(small_disk, tmp_path,
     assert len(lines) == 1 and "cannot write the checkpoint" in lines[0] and "no space left" in lines[0].lower(), p.stderr
     names = sorted(os.listdir(out / "checkpoints"))
     assert names == ["step_00000002.h5", "step_00000002.h5.manifest"], names  # no stray file, no .tmp
-    hpcopt("ckpt", "verify", str(out / "checkpoints" / "step_00000002.h5"), check=True)
+    ckpt_verify(out / "checkpoints" / "step_00000002.h5")
     assert not (out / ".lock").exists()
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     p = hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={out}", "run.steps=6", "checkpoint.every_steps=2",
@@ -49,9 +49,8 @@ def test_full_disk_during_a_checkpoint_then_resume_exactly(small_disk, tmp_path,
     straight = tmp_path / "straight"
     hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={straight}", "run.steps=6", *BIG, timeout=180,
            check=True)
-    for d, name in ((out, "a.npz"), (straight, "b.npz")):
-        hpcopt("ckpt", "export", str(d / "checkpoints" / "step_00000006.h5"), str(tmp_path / name), check=True)
-    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    a, b = (ckpt_export(d / "checkpoints" / "step_00000006.h5", tmp_path / name)
+            for d, name in ((out, "a.npz"), (straight, "b.npz")))
     for k in b:
         assert np.array_equal(a[k], b[k]), k
 

@@ -3,6 +3,7 @@ their holder is provably gone, others named), nothing of anybody else's overwrit
 by a failed start or a finished run, names that are names, planted links never followed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, hpcopt, run_env
+from tests.conftest import REPO, ckpt_verify, hpcopt, run_env
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 SMALL = ["model.layers=[64, 16, 10]", "optimizer.name=sgd", "optimizer.lr=0.1", "--quiet"]
@@ -18,6 +19,15 @@ SMALL = ["model.layers=[64, 16, 10]", "optimizer.name=sgd", "optimizer.lr=0.1", 
 
 def train(digits, out, *extra, n=None, timeout=120):
     return hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={out}", *SMALL, *extra, n=n, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, digits):
+    """A finished run of 4 steps with checkpoints at 2 and 4, made once: tests that go on from it take a copy."""
+    out = tmp_path_factory.mktemp("four") / "r"
+    p = train(digits, out, "run.steps=4", "checkpoint.every_steps=2")
+    assert p.returncode == 0, p.stderr
+    return out
 
 
 def start(digits, out, *extra):
@@ -61,10 +71,9 @@ def test_a_lock_held_elsewhere_is_named_with_the_command_to_clear_it(tmp_path, d
     assert sorted(os.listdir(out)) == [".lock"]  # nothing else made
 
 
-def test_a_stale_lock_of_a_dead_process_is_cleared(tmp_path, digits):
+def test_a_stale_lock_of_a_dead_process_is_cleared(tmp_path, digits, four_steps):
     out = tmp_path / "r"
-    p = train(digits, out, "run.steps=4", "checkpoint.every_steps=2")
-    assert p.returncode == 0, p.stderr
+    shutil.copytree(four_steps, out)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import socket
@@ -127,12 +136,12 @@ def test_planted_links_are_never_followed(tmp_path, digits):
     p = train(digits, out, "run.steps=2")
     assert p.returncode == 0, p.stderr
     assert victim.read_text() == "precious"
-    hpcopt("ckpt", "verify", str(out / "checkpoints" / "step_00000002.h5"), check=True)
+    ckpt_verify(out / "checkpoints" / "step_00000002.h5")
 
 
-def test_a_failed_resume_changes_nothing(tmp_path, digits):
+def test_a_failed_resume_changes_nothing(tmp_path, digits, four_steps):
     out = tmp_path / "r"
-    assert train(digits, out, "run.steps=4", "checkpoint.every_steps=2").returncode == 0
+    shutil.copytree(four_steps, out)
     before = {f: (out / f).read_bytes() for f in ("config.toml", "metrics.jsonl")}
     ckpts = sorted(os.listdir(out / "checkpoints"))
     p = train(digits, out, "run.steps=8", "model.layers=[64, 32, 10]", "--resume", "auto")

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, hpcopt, mpirun_cmd, run_env
+from tests.conftest import REPO, ckpt_verify, hpcopt, mpirun_cmd, run_env
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 SEED = int(os.environ.get("HPCOPT_SIGNAL_SEED", "1202"))
@@ -115,21 +115,30 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+MID_ARGS = ["model.layers=[64, 32, 10]", "run.steps=30", "checkpoint.every_steps=10", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def mid_write_reference(tmp_path_factory, digits):
+    """The uninterrupted run of the mid-write tests (one for both signals): its step-30 params."""
+    straight = tmp_path_factory.mktemp("mid") / "straight"
+    hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={straight}", *MID_ARGS, timeout=120, check=True)
+    return params(straight, 30)
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
-def test_signal_mid_write_then_resume_bitwise(tmp_path, digits, sig):
+def test_signal_mid_write_then_resume_bitwise(tmp_path, digits, mid_write_reference, sig):
     """A signal while a periodic checkpoint is being written: that write completes, the run stops at the
     next step boundary with a checkpoint of its own and 75, and a resume ends as the uninterrupted run."""
     script = tmp_path / "mid.py"
     script.write_text(MID_WRITE.replace("{sig}", sig))
-    out, straight = tmp_path / "run", tmp_path / "straight"
-    args = ["model.layers=[64, 32, 10]", "run.steps=30", "checkpoint.every_steps=10", "--quiet"]
+    out, args = tmp_path / "run", MID_ARGS
     p = subprocess.run([sys.executable, str(script), "train", JOB, f"data.path={digits}", f"run.out_dir={out}",
                         *args], capture_output=True, text=True, timeout=120, env=run_env())
     assert p.returncode == 75 and "stopped by signal" in p.stdout, (p.returncode, p.stdout, p.stderr)
-    hpcopt("ckpt", "verify", str(out / "checkpoints" / "step_00000010.h5"), check=True)
+    ckpt_verify(out / "checkpoints" / "step_00000010.h5")
     p = hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={out}", *args, "--resume", "auto", timeout=120)
     assert p.returncode == 0, p.stderr
-    hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={straight}", *args, timeout=120, check=True)
-    a, b = params(out, 30), params(straight, 30)
+    a, b = params(out, 30), mid_write_reference
     for k in b:
         assert np.array_equal(a[k], b[k]), k

@@ -25,6 +25,27 @@ def job_args(digits, out, optimizer, steps=60, extra=()):
             "checkpoint.every_steps=30", "checkpoint.keep=5", "--quiet", *opt, *extra]
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, digits):
+    """finished(optimizer, steps): the run directory of `train *job_args(OPTIMIZER, STEPS)` on 2 ranks, run
+    once for the module. Tests that change a run directory work on a copy (see `copy_run`)."""
+    runs = {}
+
+    def get(optimizer, steps=60):
+        if (optimizer, steps) not in runs:
+            out = tmp_path_factory.mktemp("finished") / f"{optimizer}-{steps}"
+            hpcopt("train", *job_args(digits, out, optimizer, steps=steps), n=2, timeout=180, check=True)
+            runs[optimizer, steps] = out
+        return runs[optimizer, steps]
+
+    return get
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
 def final_state(out, step=60):
     ck = checkpoint.read(str(out / "checkpoints" / checkpoint.file_name(step)))
     return ck
@@ -41,9 +62,8 @@ def assert_bitwise_equal(a, b):
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path, digits, optimizer):
-    straight = tmp_path / "straight"
-    hpcopt("train", *job_args(digits, straight, optimizer), n=2, timeout=180, check=True)
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, digits, finished, optimizer):
+    straight = finished(optimizer)
 
     broken = tmp_path / "broken"
     p = run([os.path.join(REPO, "tests/mpi/inject.py"), "kill", "37", str(tmp_path / "t"), "train",
@@ -57,9 +77,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, digits, optimizer):
     assert [e["step"] for e in events if e.get("event") == "start"] == [0, 30]
 
 
-def test_resume_on_another_rank_count(tmp_path, digits):
-    straight = tmp_path / "straight"
-    hpcopt("train", *job_args(digits, straight, "momentum"), n=2, timeout=180, check=True)
+def test_resume_on_another_rank_count(tmp_path, digits, finished):
+    straight = finished("momentum")
     ref = final_state(straight)
     assert tuple(ref.attrs["world"]) == (2, 1, 1)
     for n in (4, 1):
@@ -115,9 +134,8 @@ def corrupt(path, how):
 @pytest.mark.parametrize("manifest", ["kept", "removed"])
 @pytest.mark.parametrize("how,expected", [("flip bytes", "checksum mismatch in dataset /params/dense1/weight"),
                                           ("truncate", ""), ("delete dataset", "missing dataset /optim/exp_avg/dense0/weight")])
-def test_corruption_is_detected_and_resume_falls_back(tmp_path, digits, how, expected, manifest):
-    out = tmp_path / "c"
-    hpcopt("train", *job_args(digits, out, "adam"), n=2, timeout=180, check=True)
+def test_corruption_is_detected_and_resume_falls_back(tmp_path, digits, finished, how, expected, manifest):
+    out = copy_run(finished("adam"), tmp_path / "c")
     newest = out / "checkpoints/step_00000060.h5"
     corrupt(str(newest), how)
     if manifest == "removed":
@@ -164,10 +182,9 @@ def test_signal_checkpoints_and_exits_75(tmp_path, digits, sig):
     assert ck and ck[-1]["reason"] == f"signal {sig.name}" and ck[-1]["signal_to_commit_s"] >= 0
 
 
-def test_serial_fallback_without_parallel_hdf5_writes_the_same_file(tmp_path, digits):
+def test_serial_fallback_without_parallel_hdf5_writes_the_same_file(tmp_path, digits, finished):
     """Where h5py has no MPI support, pieces are gathered to rank 0: same format, same bytes, one warning."""
-    parallel, serial = tmp_path / "parallel", tmp_path / "serial"
-    hpcopt("train", *job_args(digits, parallel, "adam", steps=30), n=2, timeout=180, check=True)
+    parallel, serial = finished("adam", 30), tmp_path / "serial"
     p = run([os.path.join(REPO, "tests/mpi/inject.py"), "no-mpio", "0", str(tmp_path / "t"), "train",
              *job_args(digits, serial, "adam", steps=30)], n=2, timeout=180)
     assert p.returncode == 0, p.stderr
@@ -177,9 +194,8 @@ def test_serial_fallback_without_parallel_hdf5_writes_the_same_file(tmp_path, di
     assert_bitwise_equal(a, b)
 
 
-def test_resume_path_must_exist_and_match(tmp_path, digits):
-    out = tmp_path / "run"
-    hpcopt("train", *job_args(digits, out, "adam", steps=30), n=2, timeout=180, check=True)
+def test_resume_path_must_exist_and_match(tmp_path, digits, finished):
+    out = copy_run(finished("adam", 30), tmp_path / "run")
     p = hpcopt("train", *job_args(digits, tmp_path / "other", "adam"), "--resume", str(tmp_path / "nope.h5"))
     assert p.returncode == 3 and p.stderr.strip().splitlines() == [f"hpcopt: {tmp_path / 'nope.h5'}: no such checkpoint"]
     ck = str(out / "checkpoints/step_00000030.h5")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, hpcopt, run
+from tests.conftest import REPO, ckpt_export, hpcopt, run
 
 pytestmark = pytest.mark.mpi
 
@@ -17,8 +17,7 @@ def train_and_export(tmp_path, digits, n, optimizer, extra=()):
     hpcopt("train", os.path.join(REPO, "jobs/digits_mlp.toml"), f"data.path={digits}", f"run.out_dir={out}",
            "run.steps=50", "data.batch_size=64", f"optimizer.name={optimizer}", "--quiet", *extra,
            n=n, timeout=180, check=True)
-    hpcopt("ckpt", "export", str(out / "checkpoints/step_00000050.h5"), str(out / "final.npz"), check=True)
-    return dict(np.load(out / "final.npz"))
+    return ckpt_export(out / "checkpoints/step_00000050.h5", out / "final.npz")
 
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("adam", 0.001)])

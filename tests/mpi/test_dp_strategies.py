@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpcopt import checkpoint
-from tests.conftest import REPO, hpcopt, run, run_env
+from tests.conftest import REPO, ckpt_verify, hpcopt, run, run_env
 
 pytestmark = pytest.mark.mpi
 JOB = os.path.join(REPO, "jobs/digits_mlp.toml")
@@ -164,7 +164,7 @@ def test_finishes_budget_and_resumes_on_another_rank_count(tmp_path, digits, nam
         widths = [64, 128, 128, 10]
         assert a.shape == ((widths[i], widths[i + 1]) if k.endswith("weight") else (widths[i + 1],))
     assert set(ck.optim) == {"exp_avg", "exp_avg_sq"}
-    hpcopt("ckpt", "verify", str(out / "checkpoints/step_00000040.h5"), check=True)
+    ckpt_verify(out / "checkpoints/step_00000040.h5")
     two = tmp_path / "two"
     (two / "checkpoints").mkdir(parents=True)
     shutil.copy(out / "checkpoints/step_00000020.h5", two / "checkpoints")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hpcopt import checkpoint
-from tests.conftest import REPO, hpcopt
+from tests.conftest import REPO, ckpt_export, hpcopt
 
 pytestmark = pytest.mark.mpi
 JOB = os.path.join(REPO, "jobs/digits_mlp.toml")
@@ -25,9 +25,7 @@ def train(digits, out, n, layout=(), steps=50, extra=(), resume=False):
 
 
 def export(out, step=50):
-    npz = out / f"params_{step}.npz"
-    hpcopt("ckpt", "export", str(out / "checkpoints" / checkpoint.file_name(step)), str(npz), check=True)
-    return dict(np.load(npz))
+    return ckpt_export(out / "checkpoints" / checkpoint.file_name(step), out / f"params_{step}.npz")
 
 
 def final_metrics(out):

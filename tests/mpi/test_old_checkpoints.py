@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, hpcopt
+from tests.conftest import REPO, ckpt_export, hpcopt
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 V1 = os.path.join(REPO, "tests", "data", "v1")
@@ -42,8 +42,13 @@ def test_old_checkpoint_resumes_bitwise_as_before(tmp_path, digits, name):
     shutil.copy(os.path.join(V1, f"{name}-step20.h5"), out / "checkpoints" / "step_00000020.h5")
     hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={out}", "model.layers=[64, 16, 16, 10]",
            "run.steps=30", "--quiet", "--resume", "auto", *extra, n=n, timeout=180, check=True)
-    hpcopt("ckpt", "export", str(out / "checkpoints" / "step_00000030.h5"), str(tmp_path / "got.npz"), check=True)
-    got, want = np.load(tmp_path / "got.npz"), np.load(os.path.join(V1, f"{name}-step30.npz"))
+    ckpt, npz = out / "checkpoints" / "step_00000030.h5", tmp_path / "got.npz"
+    if name == "hybrid":  # through a process of its own for one layout, in this process for the others
+        hpcopt("ckpt", "export", str(ckpt), str(npz), check=True)
+        got = dict(np.load(npz))
+    else:
+        got = ckpt_export(ckpt, npz)
+    want = np.load(os.path.join(V1, f"{name}-step30.npz"))
     assert sorted(got) == sorted(want)
     for k in want:
         if np.array_equal(got[k], want[k]):

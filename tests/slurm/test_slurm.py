@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, hpcopt
+from tests.conftest import REPO, ckpt_export
 from tests.slurm.cluster import TERMINAL_STATES, unavailable_reason
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -116,9 +116,7 @@ def assert_completed(slurm, job: str, out: str, restarts: int = 0) -> None:
 def export(run_dir, step: int) -> dict[str, np.ndarray]:
     ckpt = os.path.join(str(run_dir), "checkpoints", f"step_{step:08d}.h5")
     npz = os.path.join(str(run_dir), f"final-{step}.npz")
-    hpcopt("ckpt", "export", ckpt, npz, check=True)
-    with np.load(npz) as z:
-        return {k: z[k] for k in z.files}
+    return ckpt_export(ckpt, npz)
 
 
 def assert_bitwise_equal(got: dict, ref: dict) -> None:
