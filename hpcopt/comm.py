@@ -46,6 +46,12 @@ class Grid:
     def describe(self) -> str:
         return f"world={self.size} (dp={self.dp}, pp={self.pp}, tp={self.tp})"
 
+    def free(self) -> None:
+        """Free the dp/pp/tp communicators make_grid created (a sweep makes one grid per trial)."""
+        for c in (self.dp_comm, self.pp_comm, self.tp_comm):
+            if c != MPI.COMM_NULL:
+                c.Free()
+
 
 def grid_shape(world_size: int, dp: int | str, pp: int, tp: int, source: str = "config") -> tuple[int, int, int]:
     """Resolve `dp = "auto"` and check that dp * pp * tp equals the world size."""

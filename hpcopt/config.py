@@ -74,7 +74,8 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = opt("adam", choices=OPTIMIZERS, doc="see docs/optimizers.md")
+    name: str = opt("adam", choices=OPTIMIZERS + ("auto",), doc="see docs/optimizers.md; \"auto\": race the zoo "
+                    "on groups of ranks for optimizer.auto_fraction of the steps, continue the winner (docs/sweep.md)")
     lr: float | None = opt(None, gt=0, doc="None: the optimizer's default (torch.optim's)")
     momentum: float | None = opt(None, ge=0, lt=1, doc="sgd/momentum/nesterov/rmsprop/lars")
     dampening: float | None = opt(None, ge=0, le=1, doc="sgd/momentum")
@@ -93,6 +94,8 @@ class OptimizerConfig:
     clip_norm: float = opt(0.0, ge=0, doc="clip the global gradient L2 norm to this; 0: off")
     clip_value: float = opt(0.0, ge=0, doc="clip each gradient element to [-v, v]; 0: off")
     on_nonfinite: str = opt("skip", choices=("skip", "stop"), doc="a NaN/inf gradient skips the step or stops")
+    auto_fraction: float = opt(0.1, gt=0, lt=1, doc="name = \"auto\": the share of the steps each candidate "
+                               "of the race trains before the winner continues")
 
 
 @dataclass
@@ -352,7 +355,12 @@ NEEDS: dict[str, tuple[str, tuple]] = {
     "schedule.total_steps": ("schedule.name", ("cosine", "linear")),
     "schedule.base_batch_size": ("schedule.scale_lr_with_batch", (True,)),
     "optimizer.nesterov": ("optimizer.name", ("sgd", "momentum", "nesterov")),
+    "optimizer.auto_fraction": ("optimizer.name", ("auto",)),
 }
+
+# Hyperparameter keys of one optimizer: with optimizer.name = "auto" each candidate takes its own defaults.
+OPTIMIZER_HP = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad", "alpha",
+                "centered", "rho", "lr_decay", "initial_accumulator_value", "momentum_decay", "trust_coefficient")
 
 # strategy -> the backend.device values it runs on (the update of local_sgd, async and ZeRO-1 is host-only)
 DEVICES_OF: dict[str, tuple[str, ...]] = {s: names.DEVICES for s in STRATEGIES}
@@ -422,6 +430,11 @@ def validate(cfg: JobConfig) -> None:
                 raise ConfigError(f"{src}: {key} belongs to the MLP form; with model.layer give every layer "
                                   f"its own keys (remove {key})")
     modelspec.from_config(cfg.model, src)
+    if cfg.optimizer.name == "auto":
+        for key in OPTIMIZER_HP:
+            if getattr(cfg.optimizer, key) is not None:
+                raise ConfigError(f"{src}: optimizer.{key} is set but optimizer.name = \"auto\" races each optimizer "
+                                  f"at its own defaults and learning rates: remove optimizer.{key}")
     strategy = cfg.parallel.strategy
     for key, strategies in APPLIES_TO.items():
         if strategy not in strategies and _is_set(cfg, key):

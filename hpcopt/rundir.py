@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 LOCK = ".lock"
 CONFIG_HEADER = "# resolved hpcopt job config"
-OURS = ("config.toml", "metrics.jsonl", "checkpoints", LOCK)  # what a run directory holds
+OURS = ("config.toml", "metrics.jsonl", "checkpoints", LOCK, "auto")  # what a run directory holds (auto/:
+# the optimizer race of optimizer.name = "auto")
 
 
 def _proc_start(pid: int) -> str | None:

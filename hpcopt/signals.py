@@ -46,6 +46,7 @@ PROCESS = StopSignals()
 
 
 def install_if_training(argv: list[str]) -> None:
-    """Install the handlers when the command is `train` (other commands keep the default actions)."""
-    if argv and argv[0] == "train":
+    """Install the handlers when the command trains (`train`, `sweep`; other commands keep the default
+    actions)."""
+    if argv and argv[0] in ("train", "sweep"):
         PROCESS.install()

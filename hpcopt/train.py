@@ -54,13 +54,17 @@ class Summary:
                 f"{score}, run directory {self.out_dir}")
 
 
-def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None):
+def prepare(cfg: config.JobConfig, grid: Grid, out_dir: str, resume: str | None, info=None):
     """Start-up checks that every rank runs before any collective: data file and run directory.
+    info: the data file's DataInfo when already checked (a sweep's node-shared data).
 
     Raises a user error with one line; called through comm.agree so all ranks leave together.
     """
-    info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size,
-                   nonzero_targets=cfg.model.loss == "rel_l2")
+    if info is None:
+        info = inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size,
+                       nonzero_targets=cfg.model.loss == "rel_l2")
+    elif cfg.model.loss == "rel_l2" and info.task == "regression":
+        inspect(cfg.data.path, check_values=True, rank=grid.rank, nranks=grid.size, nonzero_targets=True)
     spec = modelspec.from_config(cfg.model, cfg.source)
     check_task(cfg, spec, info)
     if spec.mlp and info.features != cfg.model.layers[0]:
@@ -203,10 +207,15 @@ def check_resumable(cfg: config.JobConfig, path: str, ckpt: checkpoint.Checkpoin
 
 class Trainer:
     def __init__(self, cfg: config.JobConfig, grid: Grid, out_dir: str, quiet: bool = False,
-                 resume: str | None = None, resume_force: bool = False, signals: "StopSignals | None" = None):
+                 resume: str | None = None, resume_force: bool = False, signals: "StopSignals | None" = None,
+                 data=None):
+        """data: a data.shared.NodeData of cfg.data.path (a sweep's trials share it) or None (read the file)."""
         self.cfg, self.grid, self.out_dir, self.quiet = cfg, grid, out_dir, quiet
         world = grid.world
-        self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume)
+        self.data = data if data is not None and data.path == cfg.data.path else None
+        self.loader = self.test = None
+        self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume,
+                                             self.data.info if self.data else None)
         self.lock, self.notes = agree(world, take_run_dir, out_dir, resume, grid.is_root)
         try:
             self._start(cfg, grid, out_dir, resume, resume_force)
@@ -215,6 +224,7 @@ class Trainer:
             raise
         self.signals = signals or StopSignals()
         self.last_ckpt_time = time.monotonic()
+        self.last_record: dict = {}   # the last metrics line (loss, and the test scores where evaluated)
 
     def _start(self, cfg, grid, out_dir, resume, resume_force) -> None:
         """Under the lock: the strategy, the data, and the checkpoint to resume from. The run directory's
@@ -233,9 +243,10 @@ class Trainer:
         d = cfg.data
         scale = agree(world, read_stats, d.path) if d.normalize_targets else None
         self.strategy.partition.target_scale = scale
+        shared = self.data.arrays if self.data else {}
         self.loader = ShardedLoader(d.path, "train", self.global_batch, grid.dp_rank, grid.dp, cfg.run.seed, dtype,
-                                    d.shuffle, d.window_chunks, d.read_ahead, scale)
-        self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, dtype)
+                                    d.shuffle, d.window_chunks, d.read_ahead, scale, arrays=shared.get("train"))
+        self.test = ShardedLoader(cfg.data.path, "test", 1, 0, 1, cfg.run.seed, dtype, arrays=shared.get("test"))
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.loader.steps_per_epoch
         s = cfg.schedule
         base = s.base_batch_size or self.global_batch // grid.dp
@@ -253,10 +264,22 @@ class Trainer:
             rundir.write_config(out_dir, config.to_toml(cfg))
 
     def release(self) -> None:
-        """Give the run directory back (rank 0; also after a failed start)."""
+        """Give the run directory back (rank 0; also after a failed start) and close the data files."""
+        for loader in (self.loader, self.test):
+            if loader is not None:
+                loader.close()
+        self.loader = self.test = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def set_hyperparameters(self, cfg: config.JobConfig) -> None:
+        """Continue with other optimizer/schedule values (population-based training copies a member's
+        state, then changes them): the lr schedule and the optimizer's hyperparameters, state kept.
+        The optimizer's name and what its state holds must not change."""
+        self.cfg = cfg
+        self.base_lr = optim.base_lr(cfg.optimizer)
+        self.strategy.set_optimizer(cfg.optimizer)
 
     # -- one step --------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -298,8 +321,13 @@ class Trainer:
         return losses.summarise(totals, n, regression)
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> Summary:
+    def fit(self, until: int | None = None, hooks=None) -> Summary:
+        """Train to the last step (or to step `until`: population-based training's intervals; evaluated
+        there, no checkpoint unless it is the last step). hooks (a sweep's): after_step(trainer) after
+        every step, after_eval(trainer, step, record) -> True to stop here (a pruned trial); both are
+        called on every rank of the run."""
         cfg, root = self.cfg, self.grid.is_root
+        stop_at = self.total_steps if until is None else min(until, self.total_steps)
         self.signals.install()  # from the first line of `hpcopt train` on; kept until the process exits
         if self.step_count >= self.total_steps:  # a finished run, resumed: nothing to do, nothing rewritten
             if root:
@@ -323,14 +351,15 @@ class Trainer:
         stopped_by = None
         path = None
         try:
-            while self.step_count < self.total_steps:
+            while self.step_count < stop_at:
                 loss_sum, lr, norm = self.step()
                 loss_acc += loss_sum
                 done = self.step_count
                 if done == start_step + 1 and root:
                     log.write(dict(event="first_step", step=done,
                                    start_to_first_step_s=time.time() - process_start_time(), **slurm))
-                last = done == self.total_steps
+                last = done == stop_at
+                pruned = False
                 if done % every == 0 or last:
                     loss = self.grid.world.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))
                     now = time.perf_counter()
@@ -339,9 +368,11 @@ class Trainer:
                                samples_per_s=self.global_batch * (done - steps_at_last) / (now - t_last),
                                time=now - t0, **slurm)
                     rec.update(self.strategy.extra_metrics())
-                    if (eval_every and done % eval_every == 0) or last:
+                    evaluated = (eval_every and done % eval_every == 0) or last
+                    if evaluated:
                         scores = self.evaluate()
                         rec.update(scores)
+                    self.last_record = rec
                     if root:
                         log.write(rec)
                         fields = dict(loss=f"{loss:.4f}")
@@ -351,6 +382,13 @@ class Trainer:
                             fields["rel_l2"] = f"{rec['test_rel_l2']:.4f}"
                         bar.advance(done - steps_at_last, fields)
                     t_last, steps_at_last, loss_acc = time.perf_counter(), done, 0.0
+                    if hooks is not None and evaluated and not last:
+                        pruned = hooks.after_eval(self, done, rec)
+                if hooks is not None:
+                    hooks.after_step(self)
+                if pruned:
+                    stopped_by = "pruned"
+                    break
                 if last:
                     break
                 reason = self.checkpoint_due()
@@ -366,7 +404,7 @@ class Trainer:
                         stopped_by = reason
                         break
             seconds = time.perf_counter() - t0
-            if stopped_by is None:
+            if stopped_by is None and self.step_count == self.total_steps:
                 path = self.save()
         finally:
             bar.close()

@@ -64,9 +64,16 @@ def chunk_rows(ds: h5py.Dataset) -> int:
 class ShardedLoader:
     def __init__(self, path: str, split: str, global_batch: int, dp_rank: int, dp_size: int,
                  seed: int, dtype=np.float32, shuffle: str = "global", window: int = 8, read_ahead: bool = False,
-                 target_scale: tuple[np.ndarray, np.ndarray] | None = None):
-        self.file = h5py.File(path, "r")
-        self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
+                 target_scale: tuple[np.ndarray, np.ndarray] | None = None, arrays=None):
+        """arrays: (x, y, chunk rows) of the split already in memory (data.shared.NodeData), read
+        instead of the file: the same values, so the same batches."""
+        if arrays is None:
+            self.file = h5py.File(path, "r")
+            self.x, self.y = self.file[f"{split}/x"], self.file[f"{split}/y"]
+            chunk = chunk_rows(self.x)
+        else:
+            self.file = None
+            self.x, self.y, chunk = arrays
         self.n = self.x.shape[0]
         # labels as int64; regression targets in the model's dtype
         self.y_dtype = np.dtype(np.int64) if self.y.dtype.kind in "iu" else np.dtype(dtype)
@@ -74,7 +81,7 @@ class ShardedLoader:
         self.local_batch = global_batch // dp_size
         self.dp_rank, self.seed, self.dtype = dp_rank, seed, np.dtype(dtype)
         self.steps_per_epoch = self.n // global_batch
-        self.shuffle, self.window, self.chunk = shuffle, window, chunk_rows(self.x)
+        self.shuffle, self.window, self.chunk = shuffle, window, chunk
         self._perm_epoch, self._perm = -1, None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpcopt-read-ahead") if read_ahead else None
         self._next: tuple[int, object] | None = None   # (step, future of its batch)
@@ -170,4 +177,5 @@ class ShardedLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

@@ -145,6 +145,24 @@ class Strategy:
         return dict(self.exchange.extra_metrics(), **self.executor.extra_metrics())
 
     # -- checkpoints: every layout through checkpoint.piece / restore_block ---------------------------
+    def local_state(self) -> list[np.ndarray]:
+        """This rank's parameters, optimizer state and buffers as arrays to read or overwrite in place
+        (population-based training copies a member's into another's, rank by rank, same layout); call
+        `local_state_loaded()` after writing them. Collective (local SGD averages the replicas first)."""
+        self.exchange.before_checkpoint()
+        host = self.update.host_state()
+        return [self.flat.data, *(host[s] for s in sorted(host)), self.stage.buffers.data]
+
+    def local_state_loaded(self, arrays: list[np.ndarray]) -> None:
+        host = self.update.host_state()
+        self.update.params_changed()
+        self.update.load_state({s: a for s, a in zip(sorted(host), arrays[1:-1])})
+        self.exchange.after_restore()
+
+    def set_optimizer(self, cfg) -> None:
+        """Other hyperparameters of the same optimizer from now on (its state kept): population-based training."""
+        self.update.set_optimizer(cfg)
+
     def checkpoint_pieces(self) -> list[checkpoint.Piece]:
         """This rank's share of every dataset of the whole model, in the same order on every rank."""
         self.exchange.before_checkpoint()

@@ -29,6 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import optim
+from ..errors import ConfigError
 from ..kernels import optim_cpu
 from ..optim.clip import clip_and_check
 
@@ -58,6 +59,15 @@ class Update:
     @property
     def name(self) -> str:
         return self.opt.name
+
+    def set_optimizer(self, cfg) -> None:
+        """Other hyperparameters for the same optimizer (population-based training); the state is kept,
+        so its arrays must be the same ones."""
+        opt = optim.build(cfg, self.opt.segments, device=self.device, source="sweep")
+        if opt.name != self.opt.name or set(opt.state_spec()) != set(self.opt.state_spec()):
+            raise ConfigError(f"optimizer {opt.name} ({', '.join(sorted(opt.state_spec()))}) cannot take over the "
+                              f"state of {self.opt.name} ({', '.join(sorted(self.opt.state_spec()))})")
+        self.cfg, self.opt = cfg, opt
 
     @property
     def state_names(self) -> list[str]:
