@@ -6,6 +6,7 @@ rank is set: BLAS reads it when numpy is first imported.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -36,9 +37,18 @@ def _train(args) -> int:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     shape = (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     comm.agree(world, comm.grid_shape, world.Get_size(), *shape, cfg.source)  # one message, not one per rank
-    grid = comm.make_grid(world, *shape, cfg.source)
     out_dir = config.resolve_out_dir(cfg)
-    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=args.resume, resume_force=args.resume_force,
+    resume = args.resume
+    if cfg.optimizer.name == "auto":  # race the zoo on groups of ranks first (hpcopt/sweep/auto.py)
+        from .sweep import auto
+
+        cfg, resume, raced = auto.resolve(cfg, world, out_dir, args.resume, stop)
+        if not raced:
+            stop.ignore_from_now()
+            write_status(EXIT_RESUME)
+            return EXIT_RESUME
+    grid = comm.make_grid(world, *shape, cfg.source)
+    trainer = Trainer(cfg, grid, out_dir, quiet=args.quiet, resume=resume, resume_force=args.resume_force,
                       signals=stop)
     try:
         comm.root_print(f"hpcopt: training {cfg.source} on {grid.describe()}, {threads} thread(s) per rank "
@@ -279,7 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub).set_defaults(fn=_bench)
+    for name, (modname, helptext) in COMMANDS.items():  # modules numpy-free at import; heavy work in run()
+        mod = importlib.import_module(modname)
+        cp = sub.add_parser(name, help=helptext, description=getattr(mod, "DESCRIPTION", helptext))
+        mod.add_arguments(cp)
+        cp.set_defaults(fn=mod.run)
     return p
+
+
+# Commands that live in a module of their own: name -> (module, help). Each module has
+# add_arguments(parser) and run(args) -> exit code, and imports nothing heavy at the top.
+COMMANDS = {
+    "plot": ("hpcopt.plot", "pictures of runs and sweeps: loss and test metric against step and wall time "
+             "(needs matplotlib: pip install 'hpcopt[plot]')"),
+    "sweep": ("hpcopt.sweep", "train many configurations at once on groups of ranks and pick the best (grid, "
+              "random, tpe, asha, pbt)"),
+    "doctor": ("hpcopt.doctor", "check the installation and the launch (MPI, parallel HDF5, binding, versions "
+               "on every rank); run it under mpirun/srun like a job"),
+}
 
 
 def keep_freed_memory() -> bool:
@@ -309,16 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     install_if_training(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "train" and not any(e.startswith("-") for e in extra):
+    if extra and args.command in ("train", "sweep") and not any(e.startswith("-") for e in extra):
         args.overrides += extra  # overrides written after an option, e.g. `train job.toml --quiet a.b=1`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("train", "bench"):
+    if args.command in ("train", "sweep", "bench"):
         keep_freed_memory()
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        if args.command == "sweep":
+            write_status(code)
+        return code
     except HpcoptError as e:
-        if args.command == "train":
+        if args.command in ("train", "sweep"):
             write_status(e.exit_code)
         size = sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() if "mpi4py.MPI" in sys.modules else 1
         if size > 1 and not getattr(e, "all_ranks", False):
