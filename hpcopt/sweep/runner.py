@@ -120,7 +120,6 @@ class Coordinator:
         self.ctx, self.search, self.results = ctx, search, results
         self.stopping = False          # a signal arrived: hand out no more trials
         self.finished_groups = 0       # groups told there is nothing left
-        self.started: dict[int, float] = {}
 
     def poll(self) -> None:
         """Answer every request waiting (cheap when none: one probe)."""
@@ -140,10 +139,9 @@ class Coordinator:
                 self.finished_groups += 1
                 return None
             t, values, resumed = job
-            self.started[t] = time.time()
             self.results.write(dict(trial=t, dir=os.path.basename(trial_dir(self.ctx.spec.sweep_dir(), t)),
                                     values=values, status="running", group=msg["group"], resumed=resumed,
-                                    metric_name=self.ctx.spec.metric))
+                                    metric_name=self.ctx.spec.metric, start=round(time.time(), 3)))
             return dict(trial=t, values=values, resumed=resumed)
         if kind == "report":
             rec = self.results.history.get(msg["trial"], {})
@@ -154,7 +152,7 @@ class Coordinator:
         if kind == "result":
             t = msg["trial"]
             rec = dict(self.results.history.get(t, {}))
-            rec.update(msg["record"])
+            rec.update(msg["record"], end=round(time.time(), 3))
             self.results.write(rec)
             if rec["status"] == "interrupted":
                 self.stopping = True

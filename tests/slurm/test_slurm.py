@@ -273,3 +273,28 @@ def test_chain_continues_the_run_in_the_next_job(slurm, digits, tmp_path, refere
     starts = [e for e in metrics(run_dir) if e.get("event") == "start"]
     assert [str(e.get("slurm_job_id")) for e in starts] == [first, second] and starts[1]["step"] > 0, starts
     assert_bitwise_equal(export(run_dir, LONG_STEPS), reference)
+
+
+def test_requeue_runs_a_sweep_to_the_end(slurm, digits, tmp_path):
+    """`requeue.sbatch sweep SWEEP.toml`: USR1 mid-sweep checkpoints the trials in progress (75), the job
+    requeues, the second start finishes them from their checkpoints and runs the rest; no trial that
+    had finished runs again."""
+    sweep_dir = tmp_path / "sweep"
+    path = tmp_path / "s.toml"
+    path.write_text(f'job = "{JOB}"\n[sweep]\nname = "s"\nout_dir = "{sweep_dir}"\nmethod = "grid"\n'
+                    f'ranks_per_trial = 1\nbudget_steps = 1500\n[space]\n"optimizer.lr" = [0.001, 0.002, 0.003, 0.004]\n')
+    job = slurm.sbatch(REQUEUE, ["sweep", str(path), f"data.path={digits}", "run.log_every=50", "run.eval_every=0",
+                                 "--quiet"], job_env("srun"), sbatch_opts(tmp_path), cwd=REPO)
+    out = os.path.join(str(tmp_path), f"job-{job}.out")
+    wait_for("trial step", lambda: logged_steps(sweep_dir / "trial_0000"), JOB_TIMEOUT, slurm, job, out)
+    r = slurm.cmd(["scancel", "--signal=USR1", "--batch", job])
+    assert r.returncode == 0, r.stderr
+    assert_completed(slurm, job, out, restarts=1)
+    text = read(out)
+    assert "hpcopt exited with 75" in text and "requeueing job" in text and " sweep " in text, text
+    lines = [json.loads(x) for x in open(sweep_dir / "results.jsonl") if x.strip()]
+    last = {r["trial"]: r for r in lines}
+    assert sorted(last) == [0, 1, 2, 3] and all(r["status"] == "done" and r["steps"] == 1500 for r in last.values())
+    cut = next(i for i, r in enumerate(lines) if r["status"] == "interrupted")
+    done_before = {r["trial"] for r in lines[:cut] if r["status"] == "done"}
+    assert not done_before & {r["trial"] for r in lines[cut:] if r["status"] == "running"}, lines
