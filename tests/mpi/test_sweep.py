@@ -222,3 +222,36 @@ def test_plot_draws_a_sweep(tmp_path, digits):
     code, out, err = hpcopt_here("plot", str(tmp_path / "pl"), "-o", str(tmp_path / "pl.png"))
     assert code == 0, err
     assert (tmp_path / "pl.png").stat().st_size > 1000
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, digits):
+    """A combination the job rules refuse, and a trial stopped by a non-finite gradient: both recorded as
+    failed with their one-line reason; the other trials finish and the best is chosen."""
+    path = sweep_file(tmp_path, "f", 'method = "grid"\nranks_per_trial = 1\nbudget_steps = 30',
+                      '"optimizer.name" = ["sgd", "adam"]\n"optimizer.nesterov" = [true, false]\n')
+    p = hpcopt("sweep", path, f"data.path={digits}", "optimizer.on_nonfinite=stop", n=2, timeout=120, check=True)
+    res = final(tmp_path / "f")
+    assert [res[t]["status"] for t in range(4)] == ["failed", "done", "failed", "failed"], res
+    assert "nesterov momentum needs optimizer.momentum > 0" in res[0]["reason"]   # sgd without momentum
+    assert all("optimizer.nesterov applies only when optimizer.name" in res[t]["reason"] for t in (2, 3))
+    assert "best trial 1" in p.stdout
+    path = sweep_file(tmp_path, "nf", 'method = "grid"\nranks_per_trial = 1\nbudget_steps = 30',
+                      '"optimizer.lr" = [0.001, 1e30]\n')
+    hpcopt("sweep", path, f"data.path={digits}", "optimizer.on_nonfinite=stop", "optimizer.name=sgd",
+           n=2, timeout=120, check=True)
+    res = final(tmp_path / "nf")
+    assert res[0]["status"] == "done" and res[1]["status"] == "failed", res
+    assert "non-finite gradient" in res[1]["reason"]
+
+
+def test_a_crash_on_one_rank_ends_the_whole_sweep_fast(tmp_path, digits):
+    path = sweep_file(tmp_path, "c", 'method = "random"\ntrials = 4\nranks_per_trial = 1\nbudget_steps = 2000',
+                      '"optimizer.lr" = { log_uniform = [1e-3, 1e-2] }\n')
+    stamp = tmp_path / "t"
+    t0 = time.time()
+    p = subprocess.run(mpirun_cmd(4, [os.path.join(REPO, "tests/mpi/inject.py"), "raise-rank1", "20", str(stamp),
+                                      "sweep", path, f"data.path={digits}", "--quiet"]),
+                       capture_output=True, text=True, timeout=120, env=run_env())
+    assert p.returncode != 0 and "injected failure on rank 1" in p.stderr, p.stderr
+    assert time.time() - float(stamp.read_text()) < 10
+    assert time.time() - t0 < 60
