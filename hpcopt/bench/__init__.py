@@ -24,6 +24,12 @@ SUITES = {  # name -> (module, one-line description); modules load only when the
                   "weights and batches: test relative L2 of both, time"),
     "stream": ("hpcopt.bench.stream", "training from a 4 GiB file with the page cache dropped: block shuffle + "
                "read-ahead vs warm cache, vs global shuffle; loader memory"),
+    "data": ("hpcopt.bench.data", "generating 2,048 Darcy samples at G = 64 on 1 and 2 ranks: samples/s, parallel "
+             "efficiency; the file's write bandwidth vs numpy.save of the same bytes"),
+    "sweep": ("hpcopt.bench.sweep", "a sweep of 8 digits trials on 4 ranks in groups of 1 vs the same trials one after "
+              "another with hpcopt train, and vs its longest group; --search: asha vs grid, pbt vs random"),
+    "reproducible": ("hpcopt.bench.reproducible", "run.reproducible's step (MLP 784-1024-1024-10) vs the default "
+                     "step on 1 and 2 ranks; the exact-sum collective vs a float32 Allreduce"),
     "conv": ("hpcopt.bench.conv", "conv2d/conv1d forward and forward+backward vs PyTorch CPU, GFLOP/s next to "
              "the float32 GEMM rate"),
 }

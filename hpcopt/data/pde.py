@@ -734,6 +734,8 @@ class PdeInfo:
     target_shape: tuple
     seconds: float        # generation and writing, all ranks together (wall clock)
     ranks: int
+    solve_seconds: float = 0.0  # generating the samples (random fields + solves), summed over the ranks
+    write_seconds: float = 0.0  # HDF5 create, collective writes, close (+ rank 0's fsync): the slowest rank
 
 
 def file_attrs(problem: str, grid: int, seed: int, samples: int, test_fraction: float, p: dict,
@@ -819,6 +821,7 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
     attrs = file_attrs(problem, grid, int(seed), int(samples), test_fraction, p, int(chunk_samples), compression)
     mpio = parallel_hdf5()
     t0 = time.perf_counter()
+    solve_s = write_s = 0.0  # this rank's time in _generate, and in HDF5 writing (PdeInfo)
 
     tmp, failure = None, None
     if rank == 0:
@@ -831,6 +834,7 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
     _agree(comm, out, None, failure)
 
     f = None
+    tw = time.perf_counter()
     try:
         if mpio:
             f = h5py.File(tmp, "w-", driver="mpio", comm=comm)
@@ -841,9 +845,11 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
             f = h5py.File(tmp, "w-")
     except OSError as e:
         failure = f"cannot create it ({e.strerror or e})"
+    write_s += time.perf_counter() - tw
     _agree(comm, out, tmp, failure)
 
     try:
+        tw = time.perf_counter()
         with (f if f is not None else _Null()):
             if f is not None:
                 f.attrs.update(attrs)
@@ -861,6 +867,7 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
                     ds = f.create_dataset(f"{split}/{part}", (n, *shape), np.float32, **kw)
                     ds.attrs.update(chunk_samples=int(chunk_samples), sample_shape=np.array(shape, np.int64))
                     datasets[split, part] = ds
+            write_s += time.perf_counter() - tw
             for split in SPLITS:
                 n = sizes[split]
                 n_chunks = -(-n // chunk_samples)
@@ -871,13 +878,16 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
                     if k < len(mine):
                         lo = mine[k] * chunk_samples
                         hi = min(n, lo + chunk_samples)
+                        ts = time.perf_counter()
                         try:
                             block = (lo, *_generate(problem, lo, hi, grid, seed, split, p))
                         except Exception as e:  # noqa: BLE001 - reported on every rank below
                             err = f"sample generation failed on rank {rank}: {type(e).__name__}: {e}"
+                        solve_s += time.perf_counter() - ts
                     errors = [e for e in comm.allgather(err) if e]
                     if errors:
                         raise _Failed(errors[0])
+                    tw = time.perf_counter()
                     if mpio:
                         for i, part in enumerate(("x", "y")):
                             _write_rows(datasets[split, part], block[0] if block else 0,
@@ -887,10 +897,15 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
                             if rank == 0 and blk is not None:
                                 datasets[split, "x"][blk[0]:blk[0] + len(blk[1])] = blk[1]
                                 datasets[split, "y"][blk[0]:blk[0] + len(blk[2])] = blk[2]
+                    write_s += time.perf_counter() - tw
+            tw = time.perf_counter()
+        write_s += time.perf_counter() - tw  # the file's close
         if rank == 0:
             _append_target_stats(tmp, sizes["train"], int(chunk_samples))
+            tw = time.perf_counter()
             with open(tmp, "rb+") as fh:  # durable before it gets its final name
                 os.fsync(fh.fileno())
+            write_s += time.perf_counter() - tw
     except _Failed as e:
         failure = str(e)
     except (OSError, RuntimeError, ValueError) as e:
@@ -903,8 +918,9 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
         except OSError as e:
             failure = f"cannot rename its temporary file ({e.strerror or e})"
     _agree(comm, out, tmp, comm.bcast(failure))
-    seconds = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    return PdeInfo(out, problem, sizes, ins, outs, seconds, size)
+    times = comm.allgather((time.perf_counter() - t0, solve_s, write_s))
+    return PdeInfo(out, problem, sizes, ins, outs, max(t[0] for t in times), size,
+                   solve_seconds=sum(t[1] for t in times), write_seconds=max(t[2] for t in times))
 
 
 def _append_target_stats(path: str, n: int, rows: int) -> None:
