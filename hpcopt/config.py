@@ -42,6 +42,15 @@ class RunConfig:
     epochs: int = opt(1, ge=1, le=2**53, doc="passes over the training data, when run.steps = 0")
     log_every: int = opt(10, ge=1, doc="steps between metrics lines")
     eval_every: int = opt(0, ge=0, doc="steps between test-set evaluations; 0: only at the end")
+    reproducible: bool = opt(False, doc="bitwise the same parameters for any number of data-parallel ranks, "
+                             "threads and buckets (docs/reproducible.md)")
+    stall_timeout_s: float = opt(0.0, ge=0, doc="no step completed for this long: a stall (report, then "
+                                 "run.on_stall); 0: max(10 x the median step time, 60 s), longer during "
+                                 "start-up and checkpoints (docs/diagnosis.md)")
+    on_stall: str = opt("abort", choices=("abort", "report"), doc="after a stall report: end the job (exit 76) "
+                        "or go on waiting")
+    check_collectives: bool = opt(True, doc="compare a fingerprint of every collective across its ranks: a "
+                                  "mismatch stops the job with both call sites (exit 77)")
 
 
 @dataclass

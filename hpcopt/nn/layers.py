@@ -37,12 +37,16 @@ class Ctx:
     over the ranks whose rows are normalised together (synchronised batch norm; None: this rank alone);
     training: batch statistics and dropout (False: running statistics, no dropout); step and first_row:
     the optimizer step and the GLOBAL index, within the global batch, of this call's first row (the
-    dropout stream's key)."""
+    dropout stream's key). run.reproducible (parallel/reproducible.py): matmul(a, b, out) is the
+    fixed-order product, dense_backward(x, dz, W, need_dx, dW, db, dx) a dense layer's gradients summed
+    over the data-parallel ranks in a fixed order (None: numpy's matmul, this rank's own sums)."""
     tp_sum: TpSum = _no_sum
     dp_sum: Callable[[np.ndarray], None] | None = None
     training: bool = True
     step: int = 0
     first_row: int = 0
+    matmul: Callable | None = None
+    dense_backward: Callable | None = None
 
 
 TRAIN = Ctx()
@@ -129,7 +133,7 @@ class Dense:
     def forward(self, x: np.ndarray, ctx: Ctx = TRAIN, out: np.ndarray | None = None):
         """x (B, n_in) -> (a, saved): a = act(x @ W [summed over tp for ROW] + b) (B, n_out), into `out`
         if given (gelu/silu: `out` keeps the pre-activation and a is new); saved: what backward needs."""
-        z = np.matmul(x, self.W, out=out)
+        z = np.matmul(x, self.W, out=out) if ctx.matmul is None else ctx.matmul(x, self.W, out=out)
         if self.split == ROW:
             ctx.tp_sum(z)
         if self.act in K.FROM_INPUT:
@@ -152,6 +156,11 @@ class Dense:
         if act in K.FROM_INPUT:
             K.act_backward(flat_view(da), flat_view(a), act)   # a is z here: dL/dz = dL/da · act'(z)
             act = K.IDENTITY
+        if ctx.dense_backward is not None:   # run.reproducible: the sums over the rows of every dp rank
+            if act != K.IDENTITY:
+                K.act_backward_from_output(flat_view(da), flat_view(a), act)
+            _, _, dx = ctx.dense_backward(x, da, self.W, need_dx, self.dW, self.db, dx_out)
+            return dx
         if not accumulate:
             K.bias_act_backward(da, a, act, self.db)
             np.matmul(x.T, da, out=self.dW)

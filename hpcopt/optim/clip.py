@@ -34,17 +34,21 @@ def grad_sq_norm(grads) -> float:
 
 
 def clip_and_check(grads, clip_norm: float, clip_value: float,
-                   allreduce_sum: Callable[[float], float] | None = None) -> tuple[float, bool]:
+                   allreduce_sum: Callable[[float], float] | None = None,
+                   sum_sq: Callable | None = None) -> tuple[float, bool]:
     """Clip grads in place; return (global L2 norm before any clipping, whether it is finite).
 
     allreduce_sum(x) sums a float over the ranks that share these gradients (the caller binds it to the
     right communicator); None for one process. Every rank calls it the same number of times: once, or
     twice when both clip_value and clip_norm are on (the norm after the value clip is a second sum).
-    If the norm is not finite, grads are left untouched.
+    If the norm is not finite, grads are left untouched. sum_sq(grads, clip_value) -> (sum g², sum of the
+    value-clipped g²): another way to take the squares' sums (run.reproducible: exact, any thread count).
     """
     total = allreduce_sum or (lambda x: x)
     k = _kernels(grads)
-    if clip_value > 0:
+    if sum_sq is not None:
+        sq, sq_clipped = sum_sq(grads, clip_value)
+    elif clip_value > 0:
         sq, sq_clipped = k.sum_sq_clipped(grads, clip_value)
     else:
         sq = sq_clipped = k.sum_sq(grads)

@@ -29,6 +29,11 @@ def build(cfg: JobConfig, grid: "Grid", global_batch: int):
     config.validate_layout(cfg, grid.dp, grid.pp, grid.tp, global_batch)
     check_device(cfg)
     check_memory(cfg, grid)
+    if cfg.run.reproducible:
+        from .. import modelspec
+        from .reproducible import check
+
+        check(cfg, modelspec.from_config(cfg.model, cfg.source))
     return COMPOSE[cfg.parallel.strategy](cfg, grid, global_batch)
 
 
@@ -102,6 +107,14 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
     p, comm = cfg.parallel, grid.dp_comm
     part = Partition(cfg, grid, 0, n_units(cfg))
     f = part.flat
+    if cfg.run.reproducible:   # gradients summed in a fixed order inside backward; no bucket exchange
+        from .reproducible import Reproducible
+        from .strategy import Exchange
+
+        repro = Reproducible(comm)
+        executor = Sequential(part, 1, global_batch // grid.dp, global_batch, repro=repro)
+        update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=repro.sum_sq)
+        return Strategy("data", part, executor, Exchange(), update)
     executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
     unit_of = part.stage.unit_of
     if p.zero:

@@ -74,10 +74,13 @@ class Sequential:
     rank steps on the MEAN gradient of its own slice). This rank's rows are rows
     [dp_rank · rows, (dp_rank + 1) · rows) of the global batch (dropout's stream is keyed by them)."""
 
-    def __init__(self, partition, micro_batches: int, micro_batch: int, scale: int):
+    def __init__(self, partition, micro_batches: int, micro_batch: int, scale: int, repro=None):
+        """repro: run.reproducible's fixed-order kernels (reproducible.py), handed to the layers by Ctx."""
         self.partition, self.stage = partition, partition.stage
         self.micro_batches, self.micro_batch, self.scale = micro_batches, micro_batch, scale
         self.first_row = partition.grid.dp_rank * micro_batches * micro_batch
+        self.train_fields = repro.ctx_fields(True) if repro is not None else {}
+        self.eval_fields = repro.ctx_fields(False) if repro is not None else {}
 
     def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None, step: int = 0) -> float:
         st, part, mb = self.stage, self.partition, self.micro_batch
@@ -85,7 +88,7 @@ class Sequential:
         loss_sum = 0.0
         for k in range(self.micro_batches):
             rows = slice(k * mb, (k + 1) * mb)
-            ctx = Ctx(part.tp_sum, part.dp_sum, True, step, self.first_row + k * mb)
+            ctx = Ctx(part.tp_sum, part.dp_sum, True, step, self.first_row + k * mb, **self.train_fields)
             acts = st.forward(x[rows], ctx=ctx)                       # [x, ..., out (mb, outputs)]
             dout = np.empty_like(acts[-1])
             loss_sum += st.loss(acts[-1], labels[rows], self.scale, dout)
@@ -96,7 +99,7 @@ class Sequential:
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, stage=None) -> np.ndarray | None:
         st = stage or self.stage
-        ctx = Ctx(self.partition.tp_sum, training=False)
+        ctx = Ctx(self.partition.tp_sum, training=False, **self.eval_fields)
         out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), ctx=ctx)[-1]
         return st.score(self.partition.denormalize(out), labels) if self.partition.reports_loss else None
 

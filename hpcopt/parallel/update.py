@@ -40,12 +40,13 @@ class Update:
     def __init__(self, cfg, params: np.ndarray, grads: np.ndarray, segments: list[tuple[int, int]], *,
                  device: str = "cpu", norm_comms: tuple[MPI.Comm, ...] = (),
                  not_counted: list[tuple[int, int]] = (), agree_comm: MPI.Comm | None = None,
-                 keeps_state: bool = True, source: str = "job config"):
+                 keeps_state: bool = True, source: str = "job config", sum_sq=None):
         """cfg: the OptimizerConfig. segments: (offset, length) of each tensor in params (for optimizers
         with per-tensor norms). norm_comms: where the squared norm is summed, in order (only those with
         more than one rank). not_counted: (offset, length) ranges of grads left out of this rank's share
         of the norm. keeps_state=False: no optimizer state (a parameter-server worker)."""
         self.cfg, self.params, self.grads, self.device = cfg, params, grads, device
+        self.sum_sq = sum_sq   # clip_and_check's squared sums, when not its own (run.reproducible)
         self.opt = optim.build(cfg, segments, device=device, source=source)
         self.state: dict[str, Any] = self.opt.init_state(len(params)) if keeps_state else {}
         self.norm_comms = tuple(c for c in norm_comms if c.Get_size() > 1)
@@ -95,7 +96,7 @@ class Update:
         if self.device == "cuda":
             self.d_grads.copy_to_device(self.grads)
             grads = self.d_grads
-        return clip_and_check(grads, o.clip_norm, o.clip_value, self._norm_sum())
+        return clip_and_check(grads, o.clip_norm, o.clip_value, self._norm_sum(), self.sum_sq)
 
     def step_with(self, grads: np.ndarray | None, t: int, lr: float) -> None:
         """The optimizer kernel over params with `grads` (None: this update's own, already clipped)."""

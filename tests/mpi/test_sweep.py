@@ -197,7 +197,8 @@ def test_optimizer_auto_picks_says_why_and_wins(tmp_path, digits):
     """On the digits job: the race picks an optimizer, says which and why (stdout and metrics.jsonl), and
     the run ends at least as accurate as the job's default optimizer (adam) at the same total steps."""
     out = tmp_path / "auto"
-    p = hpcopt("train", AUTO_JOB, f"run.out_dir={out}", f"data.path={digits}", "--quiet", n=2, timeout=300,
+    short = "run.epochs=10"   # 220 steps; measured: auto (rmsprop) 98.05%, the default (adam) 95.26%
+    p = hpcopt("train", AUTO_JOB, f"run.out_dir={out}", f"data.path={digits}", short, "--quiet", n=2, timeout=300,
                check=True)
     assert "optimizer auto: chose" in p.stdout and "lowest test loss" in p.stdout
     events = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -205,12 +206,14 @@ def test_optimizer_auto_picks_says_why_and_wins(tmp_path, digits):
     assert len(auto) == 1 and len(auto[0]["table"]) == 24 and auto[0]["choice"] in p.stdout
     steps = [e for e in events if "test_acc" in e]
     base = tmp_path / "default"
-    q = hpcopt("train", JOB, f"run.out_dir={base}", f"data.path={digits}", "--quiet", n=2, timeout=120, check=True)
+    q = hpcopt("train", JOB, f"run.out_dir={base}", f"data.path={digits}", short, "--quiet", n=2, timeout=120,
+               check=True)
     ref = [json.loads(x) for x in open(base / "metrics.jsonl") if "test_acc" in x]
     assert steps[-1]["step"] == ref[-1]["step"]
     assert steps[-1]["test_acc"] >= ref[-1]["test_acc"], (p.stdout, q.stdout)
     # resumed after the end: no second race, nothing to do
-    r = hpcopt("train", AUTO_JOB, f"run.out_dir={out}", f"data.path={digits}", "--resume", "auto", n=2, timeout=120)
+    r = hpcopt("train", AUTO_JOB, f"run.out_dir={out}", f"data.path={digits}", short, "--resume", "auto", n=2,
+               timeout=120)
     assert r.returncode == 0 and "racing" not in r.stdout and "nothing to do" in r.stdout, r.stdout + r.stderr
 
 

@@ -1,0 +1,88 @@
+"""run.reproducible = true: the digits MLP's parameters after 100 steps are bitwise equal for 1, 2, 3, 4 and
+8 ranks, 1 and 2 threads per rank, overlap on and off, with sgd, momentum and adam; a 2-rank checkpoint
+resumed on 3 ranks ends bitwise equal to the uninterrupted 2-rank run; what it does not cover is one line.
+
+Each layout is one launch of `hpcopt sweep` over the three optimizers with one group of all the ranks
+(three ordinary runs on the world, one process start-up)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, ckpt_export, hpcopt
+
+JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
+STEPS = 100
+COMMON = ("run.reproducible=true", f"run.steps={STEPS}", "data.batch_size=96", "run.eval_every=0",
+          "run.log_every=50")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+# (ranks, threads per rank, extra overrides)
+LAYOUTS = [(1, 1, ()), (1, 2, ()), (2, 2, ("parallel.overlap=false", "parallel.bucket_mb=0.01")),
+           (3, 1, ()), (4, 1, ()), (8, 1, ())]
+
+
+def sweep(tmp_path, name: str, n: int, threads: int, extra, digits) -> dict[str, dict]:
+    """The three optimizers on n ranks: {optimizer: exported arrays}."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'job = "{JOB}"\n[sweep]\nname = "{name}"\nout_dir = "{tmp_path / name}"\nmethod = "grid"\n'
+                    f'ranks_per_trial = {n}\nmetric = "loss"\n[space]\n"optimizer.name" = {list(OPTIMIZERS)}\n'
+                    .replace("'", '"'))
+    args = ("sweep", str(path), f"data.path={digits}", f"backend.threads={threads}", *COMMON, *extra, "--quiet")
+    p = hpcopt(*args, n=n if n > 1 else None, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = {}
+    for t, name_ in enumerate(OPTIMIZERS):
+        ckpt = tmp_path / name / f"trial_{t:04d}" / "checkpoints" / f"step_{STEPS:08d}.h5"
+        out[name_] = ckpt_export(ckpt, tmp_path / f"{name}-{name_}.npz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits):
+    tmp = tmp_path_factory.mktemp("repro-ref")
+    return sweep(tmp, "ref", 1, 1, (), digits)
+
+
+@pytest.mark.parametrize("n,threads,extra", LAYOUTS[1:], ids=[f"{n}ranks-{t}threads{'-nooverlap' if e else ''}"
+                                                              for n, t, e in LAYOUTS[1:]])
+def test_bitwise_equal_for_any_layout(tmp_path, digits, reference, n, threads, extra):
+    got = sweep(tmp_path, f"n{n}", n, threads, extra, digits)
+    for opt in OPTIMIZERS:
+        for k, ref in reference[opt].items():
+            assert np.array_equal(got[opt][k], ref), f"{opt} {k}: max |diff| {np.abs(got[opt][k] - ref).max()}"
+
+
+def test_resumed_on_another_rank_count_continues_bitwise(tmp_path, digits, reference):
+    """Checkpoints of a 2-rank run at step 50; resumed on 3 ranks to step 100: equal to the 2-rank run
+    that was not interrupted (itself equal to the 1-rank reference)."""
+    two = tmp_path / "two"
+    hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={two}", *COMMON, "checkpoint.every_steps=50",
+           "--quiet", n=2, check=True, timeout=120)
+    three = tmp_path / "three"
+    (three / "checkpoints").mkdir(parents=True)
+    for f in os.listdir(two / "checkpoints"):
+        if f.startswith("step_00000050"):
+            shutil.copy(two / "checkpoints" / f, three / "checkpoints" / f)
+    p = hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={three}", *COMMON, "--resume",
+               str(three / "checkpoints" / "step_00000050.h5"), "--quiet", n=3, timeout=120)
+    assert p.returncode == 0 and "at step 50" in p.stderr, p.stdout + p.stderr
+    a = ckpt_export(two / "checkpoints" / f"step_{STEPS:08d}.h5", tmp_path / "a.npz")
+    b = ckpt_export(three / "checkpoints" / f"step_{STEPS:08d}.h5", tmp_path / "b.npz")
+    for k in a:
+        assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], reference["adam"][k]), k
+
+
+@pytest.mark.parametrize("override,words", [
+    ("parallel.strategy=local_sgd", 'does not cover parallel.strategy = "local_sgd"'),
+    ("parallel.zero=1", "does not cover parallel.zero = 1"),
+    ("model.dtype=float64", 'does not cover model.dtype = "float64"'),
+])
+def test_what_it_does_not_cover_is_one_line(tmp_path, digits, override, words):
+    p = hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={tmp_path / 'r'}", "run.reproducible=true",
+               override, n=2, timeout=60)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith("hpcopt:")]) == 1
