@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from .diagnosis import EXIT_MISMATCH, EXIT_STALL  # noqa: F401  (train's exit codes, docs/diagnosis.md)
 from .errors import ConfigError, HpcoptError
 
 PDE_PROBLEMS = ("darcy2d", "heat2d", "burgers1d")  # hpcopt/data/pde.py PROBLEMS (kept numpy-free here)
@@ -204,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a job (under mpirun/srun, or alone)",
                        description="Train the job described by JOB.toml. Every config key can be "
                        "overridden as section.key=value (e.g. optimizer.lr=0.01). On SIGUSR1 or SIGTERM "
-                       "it checkpoints at the next step boundary and exits with 75.")
+                       "it checkpoints at the next step boundary and exits with 75. A rank that stalls (no "
+                       "step within run.stall_timeout_s) ends the job with 76 and a report naming it; ranks "
+                       "that call different collectives end it with 77 (docs/diagnosis.md).")
     t.add_argument("job", help="job config (TOML)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint "

@@ -47,10 +47,19 @@ class Grid:
         return f"world={self.size} (dp={self.dp}, pp={self.pp}, tp={self.tp})"
 
     def free(self) -> None:
-        """Free the dp/pp/tp communicators make_grid created (a sweep makes one grid per trial)."""
+        """Free the dp/pp/tp communicators make_grid created (a sweep makes one grid per trial), and the
+        fingerprint shadow of its world wrapper (the world itself belongs to the caller)."""
         for c in (self.dp_comm, self.pp_comm, self.tp_comm):
             if c != MPI.COMM_NULL:
                 c.Free()
+        release = getattr(self.world, "release_shadow", None)
+        if release is not None:
+            release()
+
+    def traced(self) -> dict:
+        """label -> communicator, for the watchdog (diagnosis/watchdog.py)."""
+        return {getattr(c, "label", k): c for k, c in (("world", self.world), ("dp", self.dp_comm),
+                                                       ("pp", self.pp_comm), ("tp", self.tp_comm))}
 
 
 def grid_shape(world_size: int, dp: int | str, pp: int, tp: int, source: str = "config") -> tuple[int, int, int]:
@@ -66,14 +75,26 @@ def grid_shape(world_size: int, dp: int | str, pp: int, tp: int, source: str = "
     return int(dp), pp, tp
 
 
-def make_grid(world: MPI.Comm, dp: int | str = "auto", pp: int = 1, tp: int = 1, source: str = "config") -> Grid:
-    """Split `world` into the dp/pp/tp communicators. Collective over `world`."""
+def make_grid(world: MPI.Comm, dp: int | str = "auto", pp: int = 1, tp: int = 1, source: str = "config",
+              traced: bool = True) -> Grid:
+    """Split `world` into the dp/pp/tp communicators. Collective over `world`.
+
+    traced: every communicator of the grid (the world too, under the label "world", or "group" for a
+    sweep's group) is a diagnosis.fingerprint.Traced on the same handle: its calls go to the flight
+    recorder and its collectives carry fingerprints (docs/diagnosis.md)."""
     dp, pp, tp = grid_shape(world.Get_size(), dp, pp, tp, source)
+    if traced:
+        from .diagnosis.fingerprint import Traced
+
+        whole = MPI.Comm.Compare(world, MPI.COMM_WORLD) in (MPI.IDENT, MPI.CONGRUENT)
+        world = Traced(world, "world" if whole else "group")
     rank = world.Get_rank()
     tp_rank, pp_rank, dp_rank = rank % tp, (rank // tp) % pp, rank // (tp * pp)
     tp_comm = world.Split(color=dp_rank * pp + pp_rank, key=tp_rank)
     pp_comm = world.Split(color=dp_rank * tp + tp_rank, key=pp_rank)
     dp_comm = world.Split(color=pp_rank * tp + tp_rank, key=dp_rank)
+    if traced:
+        tp_comm, pp_comm, dp_comm = Traced(tp_comm, "tp"), Traced(pp_comm, "pp"), Traced(dp_comm, "dp")
     return Grid(world, dp, pp, tp, dp_rank, pp_rank, tp_rank, dp_comm, pp_comm, tp_comm)
 
 
@@ -112,13 +133,20 @@ def agree(world: MPI.Comm, fn, *args, **kwargs):
 
 
 def abort_on_exception(exc: BaseException, code: int = 1) -> None:
-    """Print the traceback and end the whole MPI job: a failure on one rank must never hang the others."""
+    """Print the traceback and end the whole MPI job: a failure on one rank must never hang the others.
+    A bug (not a user error) during or after training also leaves <run dir>/hpcopt-crash-<rank>.txt:
+    the traceback and the flight recorder's last MPI calls (docs/diagnosis.md)."""
     world = MPI.COMM_WORLD
     if isinstance(exc, HpcoptError):
         print(f"hpcopt: error on rank {world.Get_rank()}: {exc}", file=sys.stderr, flush=True)
     else:
+        from .diagnosis.recorder import RECORDER
+
         print(f"hpcopt: unhandled exception on rank {world.Get_rank()}:", file=sys.stderr)
         traceback.print_exception(exc, file=sys.stderr)
+        crash = RECORDER.write_crash(exc)
+        if crash:
+            print(f"hpcopt: crash report {crash}", file=sys.stderr)
         sys.stderr.flush()
     if world.Get_size() > 1:
         world.Abort(code)

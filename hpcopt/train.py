@@ -20,6 +20,8 @@ from . import checkpoint, config, modelspec, optim, parallel, rundir
 from .comm import Grid, agree
 from .data import ShardedLoader, inspect
 from .data.importer import read_stats
+from .diagnosis import fingerprint
+from .diagnosis.watchdog import NullWatchdog, Watchdog
 from .errors import ConfigError, DataError, NonFiniteError
 from .metrics import MetricsLog, Progress, process_start_time
 from .nn import losses
@@ -212,13 +214,18 @@ class Trainer:
         """data: a data.shared.NodeData of cfg.data.path (a sweep's trials share it) or None (read the file)."""
         self.cfg, self.grid, self.out_dir, self.quiet = cfg, grid, out_dir, quiet
         world = grid.world
+        fingerprint.STATE.enabled = cfg.run.check_collectives  # before the first collective, on every rank
+        self.watch = NullWatchdog()
         self.data = data if data is not None and data.path == cfg.data.path else None
         self.loader = self.test = None
         self.info, self.global_batch = agree(world, prepare, cfg, grid, out_dir, resume,
                                              self.data.info if self.data else None)
         self.lock, self.notes = agree(world, take_run_dir, out_dir, resume, grid.is_root)
         try:
-            self._start(cfg, grid, out_dir, resume, resume_force)
+            # a thread per rank that names a stalled rank (docs/diagnosis.md); idle outside fit()
+            self.watch = Watchdog(world, out_dir, cfg.run.stall_timeout_s, cfg.run.on_stall, grid.traced())
+            with self.watch.phase("start-up"):
+                self._start(cfg, grid, out_dir, resume, resume_force)
         except BaseException:
             self.release()
             raise
@@ -264,7 +271,10 @@ class Trainer:
             rundir.write_config(out_dir, config.to_toml(cfg))
 
     def release(self) -> None:
-        """Give the run directory back (rank 0; also after a failed start) and close the data files."""
+        """Give the run directory back (rank 0; also after a failed start), stop the watchdog and close
+        the data files."""
+        self.watch.stop()
+        self.watch = NullWatchdog()
         for loader in (self.loader, self.test):
             if loader is not None:
                 loader.close()
@@ -307,6 +317,10 @@ class Trainer:
     def evaluate(self) -> dict:
         """The test split's metrics (losses.summarise: test_loss and test_acc, or test_rel_l2 and test_r2
         for regression); each dp replica takes a contiguous share."""
+        with self.watch.phase("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         n = self.test.n
         self.strategy.prepare_evaluate()
         lo, hi = n * self.grid.dp_rank // self.grid.dp, n * (self.grid.dp_rank + 1) // self.grid.dp
@@ -343,6 +357,9 @@ class Trainer:
             log.write(dict(event="start", step=self.step_count, world=self.grid.size,
                            resumed_from=self.resumed_from, **slurm))
         bar = Progress(self.total_steps, self.step_count, quiet=self.quiet or not root)
+        watch = self.watch
+        watch.set_phase("start-up")  # until the first step completes (kernels compile, data loads)
+        fingerprint.STATE.step = self.step_count
         every, eval_every = cfg.run.log_every, cfg.run.eval_every
         t0 = t_last = time.perf_counter()
         steps_at_last, start_step = self.step_count, self.step_count
@@ -353,6 +370,7 @@ class Trainer:
         try:
             while self.step_count < stop_at:
                 loss_sum, lr, norm = self.step()
+                watch.beat(self.step_count)
                 loss_acc += loss_sum
                 done = self.step_count
                 if done == start_step + 1 and root:
@@ -407,6 +425,7 @@ class Trainer:
             if stopped_by is None and self.step_count == self.total_steps:
                 path = self.save()
         finally:
+            watch.set_phase("idle")
             bar.close()
             if log:
                 log.close()
@@ -453,9 +472,11 @@ class Trainer:
     def save(self) -> str:
         """Checkpoint at the current step: every rank writes its rows of one file (parallel HDF5)."""
         path = os.path.join(self.out_dir, "checkpoints", checkpoint.file_name(self.step_count))
-        checkpoint.write_parallel(path, self.grid.world, self.strategy.checkpoint_pieces(), self.checkpoint_attrs())
-        if self.grid.is_root:
-            checkpoint.prune(self.out_dir, self.cfg.checkpoint.keep)
+        with self.watch.phase("checkpoint"):
+            checkpoint.write_parallel(path, self.grid.world, self.strategy.checkpoint_pieces(),
+                                      self.checkpoint_attrs())
+            if self.grid.is_root:
+                checkpoint.prune(self.out_dir, self.cfg.checkpoint.keep)
         self.last_ckpt_time = time.monotonic()
         return path
 

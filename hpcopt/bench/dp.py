@@ -12,6 +12,12 @@ scaling at fixed resources per rank. Inside each launch, every rank measures, in
              torch.optim.Adam(fused=True)
   sync       hpcopt's gradient exchange alone (`exchange.reduce`, one bucket) vs `comm.Allreduce` of the
              same buffer, timed in pairs of one call each (overhead: the median of the per-pair ratios)
+  diagnosis  what the stall watchdog + flight recorder, and the collective fingerprints, cost a step
+             (docs/diagnosis.md): the digits MLP 64-128-128-10 (32 samples/rank) and --layers, each step
+             the strategy's step plus the Trainer's per-step agreement (a 3-int Allreduce on the world),
+             with its communicators calling MPI directly (off), traced with the watchdog running
+             (recorder) and with fingerprints too; one step of each in turn; the ratio is the median
+             of the per-repeat ratios
 Figures are medians over --repeats; the machine is shared, so medians and ratios matter more than
 absolute numbers.
 """
@@ -89,6 +95,17 @@ def _rows(one: dict, par: dict, args, threads: int) -> list[dict]:
             dict(name=f"scaling efficiency 1 -> {n} ranks, no gradient exchange (compute only)", unit="fraction",
                  hpcopt=par["compute_only_sps"] / (n * one["compute_only_sps"]), peer_name=None, peer=None,
                  ratio=None, limit=1.0)]
+    for key, label in (("digits", "digits MLP 64-128-128-10 batch 32/rank"), ("mlp", model)):
+        d = par.get(f"diag_{key}")
+        if not d:
+            continue
+        rows += [dict(name=f"watchdog + flight recorder, {label}, {n} ranks", unit="ms/step", hpcopt=d["rec_ms"],
+                      peer_name="the same step, diagnosis off", peer=d["off_ms"], ratio=1 / d["rec_ratio"],
+                      limit=None, overhead=d["rec_ratio"] - 1, target_overhead=0.01, watchdog_thread=d["thread"]),
+                 dict(name=f"collective fingerprints, {label}, {n} ranks", unit="ms/step", hpcopt=d["fp_ms"],
+                      peer_name="the same step, recorder only", peer=d["rec_ms"], ratio=1 / d["fp_ratio"],
+                      limit=None, overhead=d["fp_ratio"] - 1, target_overhead=0.03,
+                      overhead_vs_off=d["all_ratio"] - 1)]
     return rows
 
 
@@ -146,7 +163,9 @@ def _sync_vs_bare(s, comm, steps: int, repeats: int) -> dict:
                 sync_overhead=med(a / b for a, b in zip(t_ours, t_theirs)))
 
 
-def _strategy(widths, batch, world, bucket_mb: float, overlap: bool):
+def _strategy(widths, batch, world, bucket_mb: float, overlap: bool, traced: bool = False, grid_out=None):
+    """The data-parallel strategy, on a plain grid (traced=False: what the peers are compared with) or
+    one whose communicators record and fingerprint their calls (as `hpcopt train` runs)."""
     from .. import comm as hcomm
     from .. import parallel
     from ..config import from_doc
@@ -154,8 +173,67 @@ def _strategy(widths, batch, world, bucket_mb: float, overlap: bool):
     cfg = from_doc(dict(model=dict(layers=widths), optimizer=dict(name="adam", lr=1e-3),
                         data=dict(batch_size=batch * world.Get_size()),
                         parallel=dict(bucket_mb=bucket_mb, overlap=overlap)), "bench dp")
-    grid = hcomm.make_grid(world, "auto", 1, 1, cfg.source)
+    grid = hcomm.make_grid(world, "auto", 1, 1, cfg.source, traced=traced)
+    if grid_out is not None:
+        grid_out.append(grid)
     return parallel.build(cfg, grid, batch * world.Get_size())
+
+
+def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, repeats: int) -> dict:
+    """Step time off / with the watchdog + recorder / with fingerprints too (module doc: diagnosis), on ONE
+    strategy over a traced grid: "off" has its communicators call MPI directly (fingerprint.bypass) and
+    the watchdog idle, so that no difference of memory placement between two strategies (5-10% on the
+    digits step here) passes for a cost."""
+    from mpi4py import MPI
+
+    from ..diagnosis import fingerprint
+    from ..diagnosis.watchdog import Watchdog
+
+    rng = np.random.default_rng(world.Get_rank())
+    x = rng.random((batch, widths[0]), dtype=np.float32)
+    y = rng.integers(0, widths[-1], batch)
+    grids: list = []
+    s = _strategy(widths, batch, world, bucket_mb, True, traced=True, grid_out=grids)
+    grid = grids[0]
+    watch = Watchdog(grid.world, None, 0.0, "report", grid.traced(), attach=False)
+    watch.set_phase("step")
+    flags = np.zeros(3, np.int32)
+    t = [0]
+    times: dict = {v: [] for v in ("off", "rec", "fp")}
+    state = fingerprint.STATE
+    clock = time.perf_counter
+    busy0, wall0 = watch.busy_s, clock()
+    try:
+        for rep in range(repeats + 1):  # the first round warms up
+            spent = dict.fromkeys(times, 0.0)
+            world.Barrier()
+            for i in range(steps):  # one step of each, in turn: the machine's load drifts alike for all three
+                order = list(times)[i % 3:] + list(times)[:i % 3]
+                for v in order:
+                    fingerprint.bypass(v == "off")
+                    state.enabled = v == "fp"
+                    t0 = clock()
+                    t[0] += 1
+                    s.step(x, y, t[0], 1e-3)
+                    grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)  # the Trainer's checkpoint_due
+                    if v != "off":
+                        watch.beat(t[0])
+                    spent[v] += clock() - t0
+            if rep:
+                for v in times:
+                    times[v].append(spent[v] / steps)
+        thread = (watch.busy_s - busy0) / (clock() - wall0)  # the watchdog thread's share of the time
+    finally:
+        fingerprint.bypass(False)
+        state.enabled = True
+        watch.stop()
+        grid.free()
+    med = statistics.median
+    # the thread runs in all three (it is cheap to leave on): its share is added to the recorder's ratio
+    return dict(off_ms=1e3 * med(times["off"]), rec_ms=1e3 * med(times["rec"]), fp_ms=1e3 * med(times["fp"]),
+                thread=thread, rec_ratio=thread + med(a / b for a, b in zip(times["rec"], times["off"])),
+                fp_ratio=med(a / b for a, b in zip(times["fp"], times["rec"])),
+                all_ratio=med(a / b for a, b in zip(times["fp"], times["off"])))
 
 
 def _measure(args) -> list[dict]:
@@ -208,6 +286,12 @@ def _measure(args) -> list[dict]:
     raw["compute_only_sps"] = size * args.batch / med(_timed(step_alone, world, args.steps, args.repeats))
     raw["exposed_ms"] = raw["sync_in_step_ms"]           # with overlap: what the step still spends on sync
     raw["sync_step_ms"] = raw["sync_in_step_ms_no_overlap"]
+
+    # what diagnosis costs a step (run.check_collectives, the watchdog), on the digits MLP and this one
+    if size > 1:
+        raw["diag_digits"] = _diagnosis_cost(world, [64, 128, 128, 10], 32, args.bucket_mb, 10 * args.steps,
+                                             args.repeats)
+        raw["diag_mlp"] = _diagnosis_cost(world, widths, args.batch, args.bucket_mb, args.steps, args.repeats)
 
     # PyTorch DDP over gloo, in the same processes
     raw["ddp_sps"] = raw["torch"] = None

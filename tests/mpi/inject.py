@@ -6,13 +6,21 @@ MODE raise-rank1: rank 1 raises an exception before step STEP.
 MODE kill:        rank 0 SIGKILLs itself before step STEP (a node dying: no checkpoint, no clean-up).
 MODE kill-in-write: rank 0 SIGKILLs itself in the middle of writing the checkpoint of step STEP.
 MODE no-mpio:     h5py is treated as built without MPI (the serial fallback); STEP is unused.
+MODE sleep-in-write: rank 2 sleeps 300 s at the start of writing the checkpoint of step STEP (a stall
+                  inside checkpoint writing, for the watchdog).
+MODE count-rank1: rank 1's checkpoint agreement after step STEP is an Allreduce of 4 ints, not 3 (a
+                  collective mismatch).
+MODE skip-rank1:  rank 1 skips the checkpoint agreement's Allreduce after step STEP (a missing collective).
+MODE segv-rank1:  rank 1 dies of SIGSEGV (reads address 0) before step STEP.
 The time of the fault is written to STAMP_FILE.
 """
+import ctypes
 import os
 import signal
 import sys
 import time
 
+import numpy as np
 from mpi4py import MPI
 
 from hpcopt import checkpoint, cli
@@ -39,7 +47,34 @@ def faulty_step(self):
         if mode == "kill" and rank == 0:
             mark()
             os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "segv-rank1" and rank == 1:
+            mark()
+            ctypes.string_at(0)
     return original_step(self)
+
+
+original_due = Trainer.checkpoint_due
+
+
+def faulty_due(self):
+    if self.step_count == at_step and rank == 1:
+        mark()
+        if mode == "skip-rank1":
+            return None
+        flags = np.zeros(4, dtype=np.int32)  # the real one has 3
+        self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        return None
+    return original_due(self)
+
+
+original_write = checkpoint.write_parallel
+
+
+def slow_write(path, comm, pieces, attrs):
+    if attrs["step"] == at_step and rank == 2:
+        mark()
+        time.sleep(300)
+    return original_write(path, comm, pieces, attrs)
 
 
 original_fill = checkpoint._fill
@@ -64,6 +99,10 @@ def faulty_fill(f, pieces, checksums, attrs):
 
 
 Trainer.step = faulty_step
+if mode in ("count-rank1", "skip-rank1"):
+    Trainer.checkpoint_due = faulty_due
+if mode == "sleep-in-write":
+    checkpoint.write_parallel = slow_write
 if mode == "kill-in-write":
     checkpoint._fill = faulty_fill
 if mode == "no-mpio":
