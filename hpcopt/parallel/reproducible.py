@@ -29,6 +29,10 @@ from . import reprosum
 
 LAYERS = ("dense", "activation", "flatten", "dropout")
 BLOCKS = 256   # the norm's fixed tree: a function of the buffer's length only
+# The products' k chunks: OpenBLAS's own one-thread blocking with GEMM_Q = 448 (SkylakeX), so that a
+# one-thread call IS the fixed-order product (docs/reproducible.md §6: the cheapest of the rules
+# measured). Part of the definition of a reproducible run: changing it changes the bits.
+KC, RULE = 448, "openblas"
 
 
 @njit(parallel=True, cache=True)
@@ -84,11 +88,11 @@ class Reproducible:
         self.comm = comm if comm.Get_size() > 1 else None
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return reprosum.fixed_matmul(a, b, out=out)
+        return reprosum.fixed_matmul(a, b, out=out, kc=KC, rule=RULE)
 
     def dense_backward(self, x, dz, W, need_dx, dW, db, dx):
         return reprosum.reproducible_dense_backward(np.ascontiguousarray(x), dz, W, self.comm, mode="gather",
-                                                    need_dx=need_dx, dW=dW, db=db, dx=dx)
+                                                    kc=KC, rule=RULE, need_dx=need_dx, dW=dW, db=db, dx=dx)
 
     @staticmethod
     def sum_sq(grads: np.ndarray, clip_value: float) -> tuple[float, float]:
