@@ -99,7 +99,9 @@ def _read_choice(path: str) -> dict | None:
         return json.load(f)
 
 
-def race_spec(cfg: config.JobConfig, steps: int, race_steps: int, auto_dir: str, world_size: int) -> SweepSpec:
+def job_doc(cfg: config.JobConfig, steps: int) -> dict:
+    """The job as a TOML document without optimizer.name's race key, with the lr schedule's horizon
+    fixed to the whole run's steps (the race and the winner's continuation follow one schedule)."""
     doc = {s: {k: v for k, v in t.items() if v is not None} for s, t in config.as_dict(cfg).items()}
     doc["optimizer"].pop("auto_fraction", None)
     if cfg.model.layer:
@@ -107,7 +109,12 @@ def race_spec(cfg: config.JobConfig, steps: int, race_steps: int, auto_dir: str,
     else:
         doc["model"].pop("layer", None), doc["model"].pop("input", None)
     if cfg.schedule.name in ("cosine", "linear") and not cfg.schedule.total_steps:
-        doc["schedule"]["total_steps"] = steps      # the race keeps the whole run's lr horizon
+        doc["schedule"]["total_steps"] = steps
+    return doc
+
+
+def race_spec(cfg: config.JobConfig, steps: int, race_steps: int, auto_dir: str, world_size: int) -> SweepSpec:
+    doc = job_doc(cfg, steps)
     doc["run"].pop("epochs", None)
     doc["checkpoint"]["every_steps"] = 0
     doc["checkpoint"]["every_seconds"] = 0.0
@@ -159,13 +166,6 @@ def decide(spec: SweepSpec, history: dict[int, dict], race_steps: int) -> dict:
 
 
 def winner_config(cfg: config.JobConfig, choice: dict, steps: int) -> config.JobConfig:
-    doc = {s: {k: v for k, v in t.items() if v is not None} for s, t in config.as_dict(cfg).items()}
+    doc = job_doc(cfg, steps)
     doc["optimizer"]["name"], doc["optimizer"]["lr"] = choice["name"], choice["lr"]
-    doc["optimizer"].pop("auto_fraction", None)
-    if cfg.model.layer:
-        doc["model"].pop("layers", None), doc["model"].pop("activation", None)
-    else:
-        doc["model"].pop("layer", None), doc["model"].pop("input", None)
-    if cfg.schedule.name in ("cosine", "linear") and not cfg.schedule.total_steps:
-        doc["schedule"]["total_steps"] = steps
     return config.from_doc(doc, cfg.source)
