@@ -177,7 +177,8 @@ def check_not_foreign(out_dir: str) -> None:
         if not first.startswith(CONFIG_HEADER):
             raise ConfigError(f"{out_dir}: holds a config.toml that hpcopt did not write; choose a new run.out_dir "
                               f"(or run.name) for the run")
-    if entries - set(OURS):
+    reports = {e for e in entries if e.startswith(("stall-", "hpcopt-crash-")) and e.endswith(".txt")}
+    if entries - set(OURS) - reports:   # a stall report or crash file of a run that stopped before its metrics
         raise ConfigError(f"{out_dir}: is not empty and not an hpcopt run directory; choose a new run.out_dir "
                           f"(or run.name) for the run")
 

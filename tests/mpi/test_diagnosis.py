@@ -158,14 +158,16 @@ def test_on_stall_report_waits_and_finishes_bitwise(tmp_path, digits):
         assert np.array_equal(a[k], b[k]), k
     # a run that ends cleanly leaves no crash file and no flight-recorder file
     assert not glob.glob(str(out / "hpcopt-crash-*")), os.listdir(out)
-    wait_for(lambda: not any(glob.glob(f"/dev/shm/hpcopt-ring-{pid}-*") for pid in pids.values()), 5,
+    from hpcopt.diagnosis.recorder import SHM
+
+    wait_for(lambda: not any(glob.glob(os.path.join(SHM, f"hpcopt-ring-{pid}-*")) for pid in pids.values()), 5,
              "removal of the ring files")
 
 
 @pytest.mark.parametrize("mode,expect", [("count-rank1", "inject.py:"), ("skip-rank1", "different orders")])
 def test_mismatch_stops_within_5_s_with_both_call_sites(tmp_path, digits, mode, expect):
     out = tmp_path / "run"
-    p = launch(out, digits, "run.steps=1000000", inject=[mode, "40", str(tmp_path / "t")])
+    p = launch(out, digits, "run.steps=1000000", "run.check_collectives=true", inject=[mode, "40", str(tmp_path / "t")])
     rc, stdout, stderr = finish(p, 120)
     took = time.time() - stamp_time(tmp_path / "t")
     assert rc == 77, stderr
@@ -193,7 +195,7 @@ def test_without_fingerprints_the_watchdog_catches_a_skipped_collective(tmp_path
                                         ("segv-rank1", "Segmentation fault")])
 def test_a_crashing_rank_leaves_its_flight_recorder(tmp_path, digits, mode, cause):
     out = tmp_path / "run"
-    p = launch(out, digits, "run.steps=1000000", inject=[mode, "40", str(tmp_path / "t")])
+    p = launch(out, digits, "run.steps=1000000", "run.check_collectives=true", inject=[mode, "40", str(tmp_path / "t")])
     rc, stdout, stderr = finish(p, 120)
     took = time.time() - stamp_time(tmp_path / "t")
     assert rc != 0 and took <= 10, (rc, took, stderr)
