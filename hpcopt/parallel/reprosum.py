@@ -268,19 +268,26 @@ def _run(how: str, a, b, bounds, out) -> None:
         _blas_chunks(a, b, bounds, out, how == "fortran")
 
 
-def _check(la: str, lb: str, M: int, N: int, K: int, kc: int, rule: str, how: str) -> bool:
-    """Does `how` give exactly the fixed-order chain for this shape and layout? Random data; all rows
-    and columns near the edges (where kernels switch to tail code) and a random sample."""
-    rng = np.random.default_rng([M, N, K, kc])
-    a = rng.standard_normal((M, K), dtype=np.float32)
-    b = rng.standard_normal((K, N), dtype=np.float32)
-    a = np.asfortranarray(a) if la == "F" else a
-    b = np.asfortranarray(b) if lb == "F" else b
-    got = np.empty((M, N), np.float32)
-    _run(how, a, b, k_chunks(K, kc, rule), got)
-    rows, cols = _sample(M, rng, 17, 16), _sample(N, rng, 33, 32)
-    return (np.array_equal(got[rows], chain_matmul(a[rows], b, kc=kc, rule=rule))
-            and np.array_equal(got[:, cols], chain_matmul(a, np.ascontiguousarray(b[:, cols]), kc=kc, rule=rule)))
+class _Check:
+    """Random operands of one shape and layout, and the fixed-order product of some of their rows and
+    columns (all near the edges, where kernels switch to tail code, and a random sample), computed once
+    by the Numba reference; `passes(how)` runs a backend on them and compares."""
+
+    def __init__(self, la: str, lb: str, M: int, N: int, K: int, kc: int, rule: str):
+        rng = np.random.default_rng([M, N, K, kc])
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        self.a = np.asfortranarray(a) if la == "F" else a
+        self.b = np.asfortranarray(b) if lb == "F" else b
+        self.bounds = k_chunks(K, kc, rule)
+        self.rows, self.cols = _sample(M, rng, 17, 16), _sample(N, rng, 33, 32)
+        self.ref_rows = chain_matmul(self.a[self.rows], self.b, kc=kc, rule=rule)
+        self.ref_cols = chain_matmul(self.a, np.ascontiguousarray(self.b[:, self.cols]), kc=kc, rule=rule)
+
+    def passes(self, how: str) -> bool:
+        got = np.empty((self.a.shape[0], self.b.shape[1]), np.float32)
+        _run(how, self.a, self.b, self.bounds, got)
+        return np.array_equal(got[self.rows], self.ref_rows) and np.array_equal(got[:, self.cols], self.ref_cols)
 
 
 def backend_for(a: np.ndarray, b: np.ndarray, out: np.ndarray, kc: int = KC, rule: str = "balanced") -> str:
@@ -301,8 +308,9 @@ def backend_for(a: np.ndarray, b: np.ndarray, out: np.ndarray, kc: int = KC, rul
             tries = (["plain"] if numpy_ok and key[8] else []) + \
                     (["cblas"] if cblas_sgemm() is not None and key[8] else []) + \
                     (["blas", "fortran"] if numpy_ok else [])
+            check = _Check(key[0], key[1], M, N, K, kc, rule) if tries else None
             for how in tries:
-                if _check(key[0], key[1], M, N, K, kc, rule, how):
+                if check.passes(how):
                     got = how
                     break
         if got == "numba" and M * N * K > 1 << 20:
@@ -619,9 +627,9 @@ def exact_sum_sq(x: np.ndarray, comm=None, terms: int | None = None, exponent: i
     bound from reproducible_dense_backward's `info`: one pass over x, checked in the same pass), else
     the buffer's largest (a max pass first, MAX over comm: the max over a buffer's shards is the
     buffer's). w = 62 - ceil(log2 terms); each square (exact in float64) is cut into two w-bit limbs
-    below 2^(2E) and the limbs summed as integers: error <= terms * 2^(2E - 2w) (terms 2^21, E the max:
-    at most 2^-57 of the largest square; E k bits above the max: 2^(2k) times that), then one rounding
-    to float64. The result depends on E: a given exponent must be a function of the global batch (the
+    below 2^(2E) and the limbs summed as integers: error <= terms * 2^(2E - 2w) (terms 2^21, w = 41, E
+    the max: at most 2^-59 of the largest square; E k bits above the max: 2^(2k) times that), then one
+    rounding to float64. The result depends on E: a given exponent must be a function of the global batch (the
     backward's bounds are), never of the layout or of history. inf/nan: returns inf/nan."""
     from mpi4py import MPI
     flat = x.reshape(-1)
