@@ -34,6 +34,15 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _exited(pid: int) -> bool:
+    """A zombie (killed, not yet reaped: its launcher died with it) holds nothing any more (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def holder_info() -> dict:
     env = os.environ
     return dict(host=socket.gethostname(), pid=os.getpid(), proc_start=_proc_start(os.getpid()),
@@ -49,6 +58,8 @@ def _alive(info: dict) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return pid > 0
+    if _exited(pid):
+        return False
     start = info.get("proc_start")
     return start is None or _proc_start(pid) == start
 
