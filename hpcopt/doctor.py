@@ -34,6 +34,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .diagnosis import ranges
+
 DESCRIPTION = ("Check the installation and the launch: MPI library and launcher, parallel HDF5, ranks per "
                "node, CPU binding and oversubscription, threads per rank, package versions on every rank, an "
                "Allreduce, a parallel HDF5 write and read in --dir, Numba's threading layer and GPU. Run it "
@@ -101,19 +103,6 @@ def _int(s) -> int | None:
         return int(str(s).strip())
     except (TypeError, ValueError):
         return None
-
-
-def ranges(nums) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
-    nums = sorted(set(nums))
-    out, i = [], 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def where(ranks, facts) -> str:

@@ -14,3 +14,16 @@ Nothing heavy here: the CLI reads the exit codes without loading numpy or MPI.
 
 EXIT_STALL = 76      # no step completed within run.stall_timeout_s (run.on_stall = "abort")
 EXIT_MISMATCH = 77   # the ranks of a communicator called different collectives (run.check_collectives)
+
+
+def ranges(nums) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (rank and core lists in reports and `hpcopt doctor`)."""
+    nums = sorted(set(nums))
+    out, i = [], 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(out)

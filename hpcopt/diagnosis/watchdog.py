@@ -39,6 +39,8 @@ from collections import deque
 
 from mpi4py import MPI
 
+from . import ranges
+
 from . import EXIT_MISMATCH, EXIT_STALL, fingerprint
 from .recorder import RECORDER, describe_call, format_entries, short_path
 
@@ -62,19 +64,6 @@ def _stop_all() -> None:
 
 
 atexit.register(_stop_all)  # registered after mpi4py's MPI_Finalize hook: runs before it
-
-
-def ranges(ranks) -> str:
-    """[0, 1, 2, 4, 5, 7] -> '0-2,4-5,7'."""
-    rs = sorted(set(ranks))
-    out, i = [], 0
-    while i < len(rs):
-        j = i
-        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
-            j += 1
-        out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def _who(ranks) -> str:

@@ -166,8 +166,18 @@ def softmax_ce(logits, labels, scale, dlogits):
     dlogits := (softmax(logits) - onehot(labels)) * scale, with scale = 1 / global batch, so that the
     SUM over data-parallel ranks is the mean gradient. Returns the SUM of per-sample losses (float64).
     """
+    losses = np.empty(logits.shape[0], dtype=np.float64)
+    softmax_ce_rows(logits, labels, scale, dlogits, losses)
+    total = 0.0
+    for i in range(losses.shape[0]):
+        total += losses[i]
+    return total
+
+
+@njit(cache=True)
+def softmax_ce_rows(logits, labels, scale, dlogits, losses):
+    """softmax_ce's work, keeping each row's loss in losses (B,) float64 (summed exactly elsewhere)."""
     B, C = logits.shape
-    losses = np.empty(B, dtype=np.float64)
     for i in range(B):
         m = logits[i, 0]
         for j in range(1, C):
@@ -183,10 +193,6 @@ def softmax_ce(logits, labels, scale, dlogits):
             if j == y:
                 p -= 1.0
             dlogits[i, j] = p * scale
-    total = 0.0
-    for i in range(B):
-        total += losses[i]
-    return total
 
 
 @njit(cache=True)

@@ -72,6 +72,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..kernels.cpu import softmax_ce_rows
+
 _K = dict(cache=True, error_model="numpy")
 
 KC = 256                 # default k-chunk of fixed_matmul: <= OpenBLAS's sgemm GEMM_Q on x86 (256-448)
@@ -988,7 +990,7 @@ class _MLPStep:
         d = np.empty_like(acts[-1])
         losses = np.empty(len(self.y))
         if self.rep:
-            _softmax_rows(acts[-1], self.y, 1.0 / self.B, d, losses)
+            softmax_ce_rows(acts[-1], self.y, 1.0 / self.B, d, losses)
             loss = exact_sum(losses, self.comm)
         else:
             loss = K.softmax_ce(acts[-1], self.y, 1.0 / self.B, d)
@@ -1040,27 +1042,6 @@ class _MLPStep:
                      ("step", t4 - t0)):
             self.t.setdefault(k, []).append(v)
         return loss, sq
-
-
-@njit(**_K)
-def _softmax_rows(logits, labels, scale, d, losses):
-    """kernels.cpu.softmax_ce, keeping the per-row losses (summed exactly by the caller)."""
-    B, C = logits.shape
-    for i in range(B):
-        m = logits[i, 0]
-        for j in range(1, C):
-            m = max(m, logits[i, j])
-        s = 0.0
-        for j in range(C):
-            s += math.exp(logits[i, j] - m)
-        lse = m + math.log(s)
-        y = labels[i]
-        losses[i] = lse - logits[i, y]
-        for j in range(C):
-            p = math.exp(logits[i, j] - lse)
-            if j == y:
-                p -= 1.0
-            d[i, j] = p * scale
 
 
 def _interleaved(steps: dict, reps: int, comm=None) -> dict:

@@ -65,7 +65,7 @@ def step(params, mode: str, lr: float = 0.1, clip: float = 0.5):
         acts.append(z)
     d = np.empty_like(acts[-1])
     losses = np.empty(B_r)
-    R._softmax_rows(acts[-1], y_r, 1.0 / B, d, losses)
+    R.softmax_ce_rows(acts[-1], y_r, 1.0 / B, d, losses)
     loss = R.exact_sum(losses, comm)
     n = sum(W.size + b.size for W, b in params)
     flat = np.empty(n, np.float32)
