@@ -735,7 +735,7 @@ class PdeInfo:
     seconds: float        # generation and writing, all ranks together (wall clock)
     ranks: int
     solve_seconds: float = 0.0  # generating the samples (random fields + solves), summed over the ranks
-    write_seconds: float = 0.0  # HDF5 create, collective writes, close (+ rank 0's fsync): the slowest rank
+    write_seconds: float = 0.0  # HDF5 create, writes, close (+ rank 0's fsync): the slowest rank
 
 
 def file_attrs(problem: str, grid: int, seed: int, samples: int, test_fraction: float, p: dict,
@@ -778,18 +778,76 @@ def file_attrs(problem: str, grid: int, seed: int, samples: int, test_fraction: 
     return attrs
 
 
-def _owned_chunks(n_chunks: int, rank: int, size: int) -> range:
-    return range(n_chunks * rank // size, n_chunks * (rank + 1) // size)
+PIECE = 16  # samples: the unit of work handed out, and of the /stats partial sums
+
+
+def _pieces(sizes: dict, chunk_samples: int) -> list[tuple[str, int, int]]:
+    """The file's samples as (split, lo, hi) pieces of at most PIECE samples that never cross an HDF5
+    chunk, the train split's then the test split's: a partition that does not depend on the ranks."""
+    return [(split, lo, min(c + chunk_samples, sizes[split], lo + PIECE))
+            for split in SPLITS for c in range(0, sizes[split], chunk_samples)
+            for lo in range(c, min(c + chunk_samples, sizes[split]), PIECE)]
+
+
+class _Counter:
+    """Hands out work units 0, 1, 2, ... to whichever rank asks first: an MPI-3 atomic fetch-and-add on
+    an integer in rank 0's window (passive target: rank 0 need not be in MPI to answer). Where the MPI
+    library offers no such window, each rank takes a fixed contiguous ~1/P of the units instead."""
+
+    def __init__(self, comm, n: int):
+        from mpi4py import MPI
+
+        self.n, self.win, self.static = n, None, None
+        try:
+            self.win = MPI.Win.Allocate(8 if comm.Get_rank() == 0 else 0, 8, comm=comm)
+        except MPI.Exception:
+            r, p = comm.Get_rank(), comm.Get_size()
+            self.static = iter(range(n * r // p, n * (r + 1) // p))
+        else:
+            if comm.Get_rank() == 0:
+                np.frombuffer(self.win.tomemory(), np.int64)[:] = 0
+            comm.Barrier()
+        self.one, self.got = np.ones(1, np.int64), np.zeros(1, np.int64)
+
+    def next(self) -> int:
+        """The next unit, or n when none is left."""
+        if self.static is not None:
+            return next(self.static, self.n)
+        from mpi4py import MPI
+
+        self.win.Lock(0, MPI.LOCK_SHARED)
+        self.win.Fetch_and_op(self.one, self.got, 0, 0, MPI.SUM)
+        self.win.Unlock(0)
+        return min(int(self.got[0]), self.n)
+
+    def stop(self) -> None:
+        """No unit is handed out any more, to any rank (after a failure)."""
+        if self.static is not None:
+            self.static = iter(())
+            return
+        from mpi4py import MPI
+
+        self.win.Lock(0, MPI.LOCK_SHARED)
+        self.win.Accumulate(np.array([self.n], np.int64), 0, None, MPI.SUM)
+        self.win.Unlock(0)
+
+    def free(self) -> None:
+        if self.win is not None:
+            self.win.Free()
 
 
 def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, test_fraction: float = 0.2,
-             comm=None, chunk_samples: int = 64, compression: int | None = None, **params) -> PdeInfo:
+             comm=None, chunk_samples: int = 64, compression: int | None = None, buffer_mb: float = 256,
+             **params) -> PdeInfo:
     """Generate `samples` samples (the last round(samples * test_fraction) of them the test split) and
     write them to `out` together with all ranks of `comm` (default MPI.COMM_WORLD; collective).
 
-    Each split is cut into chunks of `chunk_samples` whole samples (the HDF5 chunks); rank r generates
-    and writes the contiguous block of chunks [C r / P, C (r+1) / P). All writes are collective (needed
-    with `compression`, a gzip level 0-9). The file is written as a hidden temporary beside `out` and
+    Each split is cut into chunks of `chunk_samples` whole samples (the HDF5 chunks), and the chunks into
+    pieces of up to PIECE samples. The ranks take units of work (a piece; with `compression`, a gzip
+    level 0-9, a whole chunk) from a shared counter as they finish the last one, so a slower rank simply
+    makes fewer (_produce). Uncompressed, each piece is written as soon as it is made by its rank alone;
+    compressed data needs collective writes: about `buffer_mb` MiB of samples per rank (at most twice
+    that) are solved in a round, then all ranks write what they hold together. The file is written as a hidden temporary beside `out` and
     renamed by rank 0 when every rank has finished; a failure on any rank raises the same DataError on
     all ranks and leaves nothing behind. The datasets, and with compression=None the whole file, are
     the same bytes for any number of ranks."""
@@ -798,6 +856,7 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
 
     from ..checkpoint import parallel_hdf5
     from ..ckptfile import fsync_dir, temp_name
+    from .importer import target_stats
 
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -811,6 +870,8 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
         raise _everywhere(ConfigError(f"{problem}: test_fraction must be in (0, 1) (got {test_fraction})"))
     if not isinstance(chunk_samples, (int, np.integer)) or chunk_samples < 1:
         raise _everywhere(ConfigError(f"chunk_samples must be an integer >= 1 (got {chunk_samples!r})"))
+    if not isinstance(buffer_mb, numbers.Real) or not buffer_mb > 0:
+        raise _everywhere(ConfigError(f"buffer_mb must be a positive number of MiB (got {buffer_mb!r})"))
     if compression is not None and compression not in range(10):
         raise _everywhere(ConfigError(f"compression must be a gzip level 0-9 or None (got {compression!r})"))
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 1 << 64:
@@ -822,6 +883,7 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
     mpio = parallel_hdf5()
     t0 = time.perf_counter()
     solve_s = write_s = 0.0  # this rank's time in _generate, and in HDF5 writing (PdeInfo)
+    stats = []  # (piece index, sum, sum of squares, rows) of the training pieces this rank made
 
     tmp, failure = None, None
     if rank == 0:
@@ -868,40 +930,30 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
                     ds.attrs.update(chunk_samples=int(chunk_samples), sample_shape=np.array(shape, np.int64))
                     datasets[split, part] = ds
             write_s += time.perf_counter() - tw
-            for split in SPLITS:
-                n = sizes[split]
-                n_chunks = -(-n // chunk_samples)
-                mine = _owned_chunks(n_chunks, rank, size)
-                rounds = -(-n_chunks // size)
-                for k in range(rounds):
-                    block, err = None, None
-                    if k < len(mine):
-                        lo = mine[k] * chunk_samples
-                        hi = min(n, lo + chunk_samples)
-                        ts = time.perf_counter()
-                        try:
-                            block = (lo, *_generate(problem, lo, hi, grid, seed, split, p))
-                        except Exception as e:  # noqa: BLE001 - reported on every rank below
-                            err = f"sample generation failed on rank {rank}: {type(e).__name__}: {e}"
-                        solve_s += time.perf_counter() - ts
-                    errors = [e for e in comm.allgather(err) if e]
-                    if errors:
-                        raise _Failed(errors[0])
-                    tw = time.perf_counter()
-                    if mpio:
-                        for i, part in enumerate(("x", "y")):
-                            _write_rows(datasets[split, part], block[0] if block else 0,
-                                        block[1 + i] if block else None)
-                    else:
-                        for blk in comm.gather(block, root=0):
-                            if rank == 0 and blk is not None:
-                                datasets[split, "x"][blk[0]:blk[0] + len(blk[1])] = blk[1]
-                                datasets[split, "y"][blk[0]:blk[0] + len(blk[2])] = blk[2]
-                    write_s += time.perf_counter() - tw
+            pieces = _pieces(sizes, int(chunk_samples))
+
+            def make(i):  # piece i's samples, and its share of /stats (summed in piece order at the end)
+                split, lo, hi = pieces[i]
+                x, y = _generate(problem, lo, hi, grid, seed, split, p)
+                if split == "train":
+                    stats.append((i, *target_stats(y)))
+                return split, lo, x, y
+
+            rounds = not mpio or compression is not None  # else each piece is written when made
+            units = [[i] for i in range(len(pieces))]
+            if compression is not None:  # a compressed chunk is written once: whole chunks are the units
+                keys = [(q[0], q[1] // chunk_samples) for q in pieces]
+                units = [[i for i, key in enumerate(keys) if key == k] for k in dict.fromkeys(keys)]
+            unit_bytes = _sample_bytes(ins, outs) * max(sum(pieces[i][2] - pieces[i][1] for i in u) for u in units)
+            solve, w = _produce(comm, datasets if f is not None else None, mpio, units, make,
+                                max(1, int(buffer_mb * 2**20) // unit_bytes) if rounds else None)
+            solve_s += solve
+            write_s += w
             tw = time.perf_counter()
         write_s += time.perf_counter() - tw  # the file's close
+        stats = comm.gather(stats, root=0)
         if rank == 0:
-            _append_target_stats(tmp, sizes["train"], int(chunk_samples))
+            _append_target_stats(tmp, sizes["train"], [c for part in stats for c in part])
             tw = time.perf_counter()
             with open(tmp, "rb+") as fh:  # durable before it gets its final name
                 os.fsync(fh.fileno())
@@ -923,20 +975,87 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
                    solve_seconds=sum(t[1] for t in times), write_seconds=max(t[2] for t in times))
 
 
-def _append_target_stats(path: str, n: int, rows: int) -> None:
+def _produce(comm, datasets, mpio: bool, units: list, make, per_round: int | None) -> tuple[float, float]:
+    """Solve the work units (lists of pieces) handed out by a _Counter and write them: with per_round
+    None, each piece as soon as it is made, by an independent write of its contiguous rows (no rank
+    waits for another until the end); else in rounds of about per_round units per rank (at most twice
+    that), each ended by one collective write per dataset - or, without parallel HDF5, by a gather to
+    rank 0, which writes. A failure stops the counter, so every rank stops taking work, and raises the
+    same _Failed on all ranks. Returns this rank's seconds solving and writing."""
+    from h5py import h5fd, h5p
+
+    rank, size, n = comm.Get_rank(), comm.Get_size(), len(units)
+    solve_s = write_s = 0.0
+    counter = _Counter(comm, n)
+    span = (per_round or 1) * size  # round k: the units [k span, (k+1) span), handed out as asked for
+    try:
+        pending, k = counter.next(), 0
+        while True:
+            got, err = [], None
+            while pending < n and (per_round is None or (pending < (k + 1) * span and len(got) < 2 * per_round)):
+                for i in units[pending]:
+                    ts = time.perf_counter()
+                    try:
+                        piece = make(i)
+                    except Exception as e:  # noqa: BLE001 - reported on every rank below
+                        err = f"sample generation failed on rank {rank}: {type(e).__name__}: {e}"
+                        break
+                    finally:
+                        solve_s += time.perf_counter() - ts
+                    if per_round is None:  # written now, from this rank alone
+                        tw = time.perf_counter()
+                        dxpl = h5p.create(h5p.DATASET_XFER)
+                        dxpl.set_dxpl_mpio(h5fd.MPIO_INDEPENDENT)
+                        for j, name in enumerate(("x", "y")):
+                            _write_rows(datasets[piece[0], name], [(piece[1], piece[2 + j])], dxpl)
+                        write_s += time.perf_counter() - tw
+                    else:
+                        got.append(piece)
+                if err:
+                    counter.stop()
+                    break
+                pending = counter.next()
+            flags = comm.allgather((err, pending >= n))
+            errors = [e for e, _ in flags if e]
+            if errors:
+                raise _Failed(errors[0])
+            tw = time.perf_counter()
+            for split in SPLITS if per_round else ():
+                mine = sorted((g for g in got if g[0] == split), key=lambda g: g[1])
+                if mpio:
+                    for j, name in enumerate(("x", "y")):
+                        _write_rows(datasets[split, name], [(g[1], g[2 + j]) for g in mine])
+                else:
+                    for blk in comm.gather([g[1:] for g in mine], root=0):
+                        for lo, x, y in blk if rank == 0 else ():
+                            datasets[split, "x"][lo:lo + len(x)] = x
+                            datasets[split, "y"][lo:lo + len(y)] = y
+            write_s += time.perf_counter() - tw
+            if all(done for _, done in flags):
+                return solve_s, write_s
+            k += 1
+    finally:
+        counter.free()
+
+
+def _sample_bytes(ins: tuple, outs: tuple) -> int:
+    return 4 * (int(np.prod(ins)) + int(np.prod(outs)))
+
+
+def _append_target_stats(path: str, n: int, parts: list) -> None:
     """/stats/y_mean and /stats/y_std of the training targets (what data.normalize_targets trains
-    against; `hpcopt data stats` format). One process reads /train/y back chunk by chunk and sums in
-    chunk order, so the statistics are the same bits whatever the number of ranks that wrote it."""
+    against; `hpcopt data stats` format) from every training piece's (index, sum, sum of squares, rows),
+    summed in piece order, so the statistics are the same bits whatever the number of ranks that made
+    them."""
     import h5py
 
-    from .importer import target_stats, write_stats
+    from .importer import write_stats
 
+    s = q = None
+    for _, ds, dq, _ in sorted(parts, key=lambda c: c[0]):
+        s, q = (ds, dq) if s is None else (s + ds, q + dq)
+    assert sum(c[3] for c in parts) == n
     with h5py.File(path, "a") as f:
-        y = f["train/y"]
-        s = q = None
-        for lo in range(0, n, rows):
-            ds, dq, _ = target_stats(y[lo:min(n, lo + rows)])
-            s, q = (ds, dq) if s is None else (s + ds, q + dq)
         write_stats(f, s, q, n)
 
 
@@ -966,23 +1085,27 @@ def _agree(comm, out: str, tmp: str | None, failure: str | None) -> None:
         raise _everywhere(DataError(f"{out}: cannot write the data set ({failures[0]}); nothing written"))
 
 
-def _write_rows(ds, lo: int, rows: np.ndarray | None) -> None:
-    """Collective write of rows lo.. of ds. A rank with nothing to write (rows None) still takes part
-    with an explicit empty selection: every rank must call H5Dwrite, or the others wait forever."""
+def _write_rows(ds, blocks: list, dxpl=None) -> None:
+    """Write blocks [(lo, rows), ...] (ascending lo) of ds as one selection: collectively unless dxpl
+    says otherwise. In a collective write a rank with nothing to write still takes part with an explicit
+    empty selection: every rank must call H5Dwrite, or the others wait forever."""
     from h5py import h5fd, h5p, h5s
 
-    dxpl = h5p.create(h5p.DATASET_XFER)
-    dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+    if dxpl is None:
+        dxpl = h5p.create(h5p.DATASET_XFER)
+        dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
     fspace = ds.id.get_space()
-    if rows is None or len(rows) == 0:
+    if not blocks:
         buf = np.zeros((1, *ds.shape[1:]), np.float32)
         mspace = h5s.create_simple(buf.shape)
         mspace.select_none()
         fspace.select_none()
-    else:
-        buf = np.ascontiguousarray(rows, dtype=np.float32)
+    else:  # the selection's elements go in file order: the blocks ascending, rows concatenated alike
+        buf = np.ascontiguousarray(np.concatenate([rows for _, rows in blocks]), dtype=np.float32)
         mspace = h5s.create_simple(buf.shape)
-        fspace.select_hyperslab((lo,) + (0,) * (buf.ndim - 1), buf.shape)
+        fspace.select_none()
+        for lo, rows in blocks:
+            fspace.select_hyperslab((lo,) + (0,) * (buf.ndim - 1), rows.shape, op=h5s.SELECT_OR)
     ds.id.write(mspace, fspace, buf, dxpl=dxpl)
 
 
@@ -1000,6 +1123,8 @@ def add_arguments(parser: argparse.ArgumentParser, problem_arg: bool = True) -> 
     parser.add_argument("--grid", type=int, default=64, help="PDE problems: grid points per side")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="PDE problems: share of test samples")
     parser.add_argument("--chunk-samples", type=int, default=64, help="PDE problems: samples per HDF5 chunk")
+    parser.add_argument("--buffer-mb", type=float, default=256, metavar="MIB",
+                        help="PDE problems: samples a rank holds between collective writes (default 256)")
     parser.add_argument("--compression", type=int, default=None, metavar="LEVEL",
                         help="PDE problems: gzip level 0-9 (default: none)")
     parser.add_argument("--coefficient", choices=CHOICES["coefficient"], help="darcy2d: threshold (12/3) "
@@ -1028,7 +1153,7 @@ def params_from_args(problem: str, args: argparse.Namespace) -> dict:
 def run_from_args(args: argparse.Namespace, problem: str | None = None) -> PdeInfo:
     problem = problem or args.problem
     return make_pde(problem, args.out, args.samples, args.grid, seed=args.seed, test_fraction=args.test_fraction,
-                    chunk_samples=args.chunk_samples, compression=args.compression,
+                    chunk_samples=args.chunk_samples, compression=args.compression, buffer_mb=args.buffer_mb,
                     **params_from_args(problem, args))
 
 

@@ -38,6 +38,8 @@ def test_bench_data_rows_and_cleanup(tmp_path):
         assert "numpy.save" in write["peer_name"]
         assert write["ratio"] == pytest.approx(write["hpcopt"] / write["peer"])
         one("ms/sample", n, "solve")
+    busy = one("fraction", "2 ranks:", "busy")  # time solving / (2 x wall): at most 1, at least something
+    assert 0 < busy["hpcopt"] <= 1 and 0 < busy["peer"] <= 1 and busy["limit"] == 1.0
     eff = one("fraction", "efficiency 1 -> 2 ranks")
     assert eff["limit"] == 1.0 and eff["peer"] == 0.85
     rate = {n: one("samples/s", n, "generation")["hpcopt"] for n in ("1 rank:", "2 ranks:")}
