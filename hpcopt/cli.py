@@ -197,6 +197,30 @@ def _bench(args) -> int:
     return run_suite(args)
 
 
+def pde_options(pg) -> None:
+    """The PDE generators' options (`hpcopt data make`, `python -m hpcopt.data.pde`); defaults of the
+    problem parameters: hpcopt/data/pde.py DEFAULTS, its choices there as CHOICES."""
+    pg.add_argument("--grid", type=int, default=64, help="grid points per side")
+    pg.add_argument("--test-fraction", type=float, default=0.2, help="share of test samples")
+    pg.add_argument("--chunk-samples", type=int, default=64, help="samples per HDF5 chunk")
+    pg.add_argument("--compression", type=int, default=None, metavar="LEVEL", help="gzip level 0-9 (default: none)")
+    pg.add_argument("--buffer-mb", type=float, default=256, metavar="MIB",
+                    help="with --compression or serial HDF5: samples a rank holds between collective writes")
+    pg.add_argument("--coefficient", choices=["threshold", "lognormal"], help="darcy2d: 12/3 or exp(GRF)")
+    pg.add_argument("--solver", choices=["auto", "cholesky", "pcg"], help="darcy2d: linear solver")
+    pg.add_argument("--alpha", type=float, help="random field smoothness")
+    pg.add_argument("--tau", type=float, help="random field inverse length scale")
+    pg.add_argument("--sigma", type=float, help="random field amplitude")
+    pg.add_argument("--kappa", type=float, help="heat2d: diffusivity")
+    pg.add_argument("--nu", type=float, help="burgers1d: viscosity")
+    pg.add_argument("--T", type=float, dest="T", help="heat2d, burgers1d: final time")
+    pg.add_argument("--steps", type=int, help="heat2d: Crank-Nicolson steps")
+    pg.add_argument("--cfl", type=float, help="burgers1d: CFL number")
+    pg.add_argument("--scheme", choices=["muscl", "rusanov"], help="burgers1d: flux reconstruction")
+    pg.add_argument("--refine", type=int, help="solve on a grid REFINE times finer")
+    pg.add_argument("--modes", type=int, help="random field modes per axis")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcopt", description="Train neural networks in parallel with MPI, "
                                 "Numba kernels and parallel HDF5.")
@@ -230,23 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", type=int, default=10, help="synthetic: classes")
     m.add_argument("--seed", type=int, default=0, help="synthetic, PDE problems: seed")
     pg = m.add_argument_group("PDE problems (defaults: hpcopt/data/pde.py DEFAULTS)")
-    pg.add_argument("--grid", type=int, default=64, help="grid points per side")
-    pg.add_argument("--test-fraction", type=float, default=0.2, help="share of test samples")
-    pg.add_argument("--chunk-samples", type=int, default=64, help="samples per HDF5 chunk")
-    pg.add_argument("--compression", type=int, default=None, metavar="LEVEL", help="gzip level 0-9 (default: none)")
-    pg.add_argument("--coefficient", choices=["threshold", "lognormal"], help="darcy2d: 12/3 or exp(GRF)")
-    pg.add_argument("--solver", choices=["auto", "cholesky", "pcg"], help="darcy2d: linear solver")
-    pg.add_argument("--alpha", type=float, help="random field smoothness")
-    pg.add_argument("--tau", type=float, help="random field inverse length scale")
-    pg.add_argument("--sigma", type=float, help="random field amplitude")
-    pg.add_argument("--kappa", type=float, help="heat2d: diffusivity")
-    pg.add_argument("--nu", type=float, help="burgers1d: viscosity")
-    pg.add_argument("--T", type=float, dest="T", help="heat2d, burgers1d: final time")
-    pg.add_argument("--steps", type=int, help="heat2d: Crank-Nicolson steps")
-    pg.add_argument("--cfl", type=float, help="burgers1d: CFL number")
-    pg.add_argument("--scheme", choices=["muscl", "rusanov"], help="burgers1d: flux reconstruction")
-    pg.add_argument("--refine", type=int, help="solve on a grid REFINE times finer")
-    pg.add_argument("--modes", type=int, help="random field modes per axis")
+    pde_options(pg)
     m.set_defaults(fn=_data_make)
     im = d.add_parser("import", help="write your own arrays (.npz, .npy, .h5) as an hpcopt data file",
                       description="Integer labels (N,) make a classification file; float targets (any shape) a "

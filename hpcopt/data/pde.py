@@ -1120,29 +1120,9 @@ def add_arguments(parser: argparse.ArgumentParser, problem_arg: bool = True) -> 
         parser.add_argument("out", help="output file (.h5)")
         parser.add_argument("--samples", type=int, default=1000, help="samples in all (train + test)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the random streams")
-    parser.add_argument("--grid", type=int, default=64, help="PDE problems: grid points per side")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="PDE problems: share of test samples")
-    parser.add_argument("--chunk-samples", type=int, default=64, help="PDE problems: samples per HDF5 chunk")
-    parser.add_argument("--buffer-mb", type=float, default=256, metavar="MIB",
-                        help="PDE problems: samples a rank holds between collective writes (default 256)")
-    parser.add_argument("--compression", type=int, default=None, metavar="LEVEL",
-                        help="PDE problems: gzip level 0-9 (default: none)")
-    parser.add_argument("--coefficient", choices=CHOICES["coefficient"], help="darcy2d: threshold (12/3) "
-                        "or lognormal (exp of the GRF)")
-    parser.add_argument("--solver", choices=CHOICES["solver"], help="darcy2d: linear solver")
-    parser.add_argument("--alpha", type=float, help="GRF smoothness alpha")
-    parser.add_argument("--tau", type=float, help="GRF inverse length scale tau")
-    parser.add_argument("--sigma", type=float, help="GRF amplitude sigma")
-    parser.add_argument("--kappa", type=float, help="heat2d: diffusivity")
-    parser.add_argument("--nu", type=float, help="burgers1d: viscosity")
-    parser.add_argument("--T", type=float, dest="T", help="heat2d, burgers1d: final time")
-    parser.add_argument("--steps", type=int, help="heat2d: Crank-Nicolson steps (default: solver grid - 1)")
-    parser.add_argument("--refine", type=int, help="solve on a grid REFINE times finer, store every "
-                        "REFINE-th node (2-D) or the average of REFINE cells (burgers1d); default 1")
-    parser.add_argument("--modes", type=int, help="KL modes of the random field per axis (default: all "
-                        "the stored grid resolves)")
-    parser.add_argument("--cfl", type=float, help="burgers1d: CFL number")
-    parser.add_argument("--scheme", choices=CHOICES["scheme"], help="burgers1d: muscl or rusanov")
+    from ..cli import pde_options
+
+    pde_options(parser)
 
 
 def params_from_args(problem: str, args: argparse.Namespace) -> dict:
