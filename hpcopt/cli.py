@@ -198,8 +198,8 @@ def _bench(args) -> int:
 
 
 def pde_options(pg) -> None:
-    """The PDE generators' options (`hpcopt data make`, `python -m hpcopt.data.pde`); defaults of the
-    problem parameters: hpcopt/data/pde.py DEFAULTS, its choices there as CHOICES."""
+    """The PDE generators' options of `hpcopt data make`; defaults of the problem parameters:
+    hpcopt/data/pde.py DEFAULTS, its choices there as CHOICES."""
     pg.add_argument("--grid", type=int, default=64, help="grid points per side")
     pg.add_argument("--test-fraction", type=float, default=0.2, help="share of test samples")
     pg.add_argument("--chunk-samples", type=int, default=64, help="samples per HDF5 chunk")

@@ -13,9 +13,9 @@ test fraction, on how the samples are split among ranks, nor on the order they a
 
 `make_pde` writes one HDF5 file: /train/x, /train/y, /test/x, /test/y as float32 (N, *shape), chunked
 in blocks of whole samples, and /stats (the training targets' mean and std); all ranks of `comm` write it together through h5py's `mpio` driver, each
-rank the chunks it generated, under a temporary name that rank 0 renames once every rank is done.
+rank the pieces it generated, under a temporary name that rank 0 renames once every rank is done.
 
-    python -m hpcopt.data.pde darcy2d OUT.h5 --samples 1000 --grid 64      (alone or under mpirun)
+    hpcopt data make darcy2d OUT.h5 --samples 1000 --grid 64      (alone or under mpirun)
 """
 from __future__ import annotations
 
@@ -1113,52 +1113,13 @@ def _write_rows(ds, blocks: list, dxpl=None) -> None:
 # Command line
 
 
-def add_arguments(parser: argparse.ArgumentParser, problem_arg: bool = True) -> None:
-    """The generator's options (shared by `python -m hpcopt.data.pde` and `hpcopt data make`)."""
-    if problem_arg:
-        parser.add_argument("problem", choices=PROBLEMS)
-        parser.add_argument("out", help="output file (.h5)")
-        parser.add_argument("--samples", type=int, default=1000, help="samples in all (train + test)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the random streams")
-    from ..cli import pde_options
-
-    pde_options(parser)
-
-
 def params_from_args(problem: str, args: argparse.Namespace) -> dict:
     """The problem's parameters given on the command line (the others keep their defaults)."""
     return {k: getattr(args, k) for k in DEFAULTS[problem] if getattr(args, k, None) is not None}
 
 
 def run_from_args(args: argparse.Namespace, problem: str | None = None) -> PdeInfo:
-    problem = problem or args.problem
+    problem = problem or args.name
     return make_pde(problem, args.out, args.samples, args.grid, seed=args.seed, test_fraction=args.test_fraction,
                     chunk_samples=args.chunk_samples, compression=args.compression, buffer_mb=args.buffer_mb,
                     **params_from_args(problem, args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcopt.data.pde", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from mpi4py import MPI
-
-    from ..errors import HpcoptError
-
-    rank = MPI.COMM_WORLD.Get_rank()
-    try:
-        info = run_from_args(args)
-    except HpcoptError as e:
-        if rank == 0:
-            print(f"hpcopt: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    if rank == 0:
-        n = info.sizes["train"] + info.sizes["test"]
-        print(f"wrote {info.path}: {info.problem}, {info.sizes['train']} train + {info.sizes['test']} test "
-              f"samples, x {info.input_shape}, y {info.target_shape}, {info.seconds:.2f} s on {info.ranks} "
-              f"rank(s) ({n / info.seconds:.1f} samples/s)", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

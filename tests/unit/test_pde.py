@@ -169,11 +169,10 @@ def test_a_failed_generation_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_command_line_parses_problem_parameters():
-    import argparse
+    from hpcopt.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    pde.add_arguments(parser)
-    args = parser.parse_args(["heat2d", "o.h5", "--grid", "32", "--kappa", "0.02", "--T", "0.5"])
+    parser = build_parser()
+    args = parser.parse_args(["data", "make", "heat2d", "o.h5", "--grid", "32", "--kappa", "0.02", "--T", "0.5"])
     assert pde.params_from_args("heat2d", args) == {"kappa": 0.02, "T": 0.5}
-    args = parser.parse_args(["darcy2d", "o.h5", "--coefficient", "lognormal", "--solver", "pcg"])
+    args = parser.parse_args(["data", "make", "darcy2d", "o.h5", "--coefficient", "lognormal", "--solver", "pcg"])
     assert pde.params_from_args("darcy2d", args) == {"coefficient": "lognormal", "solver": "pcg"}
