@@ -113,6 +113,14 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
 
         repro = Reproducible(comm)
         executor = Sequential(part, 1, global_batch // grid.dp, global_batch, repro=repro)
+        if p.zero:  # each rank updates its shard of the global gradient it holds, then all gather
+            from .reproducible import ShardGather
+            from .zero import Shard
+
+            shard = Shard(f, comm, own_grad=False)
+            update = _update(cfg, shard.params, f.grad[shard.lo:shard.hi], shard.segments(),
+                             sum_sq=lambda grads, clip_value: repro.sum_sq(f.grad, clip_value))
+            return Strategy("data", part, executor, ShardGather(shard), update, state_blocks=shard.blocks())
         update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=repro.sum_sq)
         return Strategy("data", part, executor, Exchange(), update)
     executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
@@ -167,11 +175,19 @@ def _local_sgd(cfg: JobConfig, grid: "Grid", global_batch: int):
     m, p, comm = cfg.model, cfg.parallel, grid.dp_comm
     part = Partition(cfg, grid, 0, n_units(cfg), sync_batch_stats=False)   # replicas step alone
     f, local_batch = part.flat, global_batch // grid.dp
-    update = _update(cfg, f.data, f.grad, f.segments(), agree_comm=comm)
+    repro, kw = None, {}
+    if cfg.run.reproducible:  # each replica's step in a fixed order (alone: no rows of other ranks)
+        from mpi4py import MPI
+
+        from .reproducible import Reproducible
+
+        repro = Reproducible(MPI.COMM_SELF)
+        kw = dict(sum_sq=repro.sum_sq)
+    update = _update(cfg, f.data, f.grad, f.segments(), agree_comm=comm, **kw)
     exchange = Averaging(f, comm, p.average_every, p.average_optimizer_state, lambda: update.state,
                          lambda: Stage(part.spec, 0, n_units(cfg), m.activation, m.loss, m.dtype, cfg.run.seed,
-                                       m.init), part.stage.buffers)
-    return Strategy("local_sgd", part, Sequential(part, 1, local_batch, local_batch), exchange, update)
+                                       m.init), part.stage.buffers, exact=repro is not None)
+    return Strategy("local_sgd", part, Sequential(part, 1, local_batch, local_batch, repro=repro), exchange, update)
 
 
 def _async(cfg: JobConfig, grid: "Grid", global_batch: int):

@@ -28,11 +28,14 @@ class Averaging(Exchange):
     """The local-SGD exchange: nothing per step; the replicas averaged every `every` updates."""
 
     def __init__(self, flat, comm: MPI.Comm, every: int, average_state: bool,
-                 state: Callable[[], dict[str, np.ndarray]], make_stage: Callable[[], object], buffers=None):
+                 state: Callable[[], dict[str, np.ndarray]], make_stage: Callable[[], object], buffers=None,
+                 exact: bool = False):
         """state(): the optimizer state arrays (host); make_stage(): a fresh copy of the replica's Stage,
-        into which evaluation averages the parameters."""
+        into which evaluation averages the parameters. exact (run.reproducible): the sums are exact
+        fixed-point sums (reprosum.allreduce_exact), the same bits whatever the MPI library's reduction
+        order, rounded once."""
         super().__init__()
-        self.flat, self.comm = flat, comm
+        self.flat, self.comm, self.exact = flat, comm, exact
         self.N = comm.Get_size()
         self.every, self.average_state = every, average_state
         self.state, self.make_stage = state, make_stage
@@ -41,9 +44,18 @@ class Averaging(Exchange):
         self.eval_stage = None        # the average of the replicas, for evaluation
         self.logged_bytes = self.logged_steps = 0
 
+    def _sum(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """dst <- the sum of src over the dp replicas (one Allreduce; src may be dst)."""
+        if self.exact:
+            from .reprosum import allreduce_exact
+
+            allreduce_exact(self.comm, src, out=dst)
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE if src is dst else src, dst, op=MPI.SUM)
+
     def average(self, buf: np.ndarray) -> None:
         """buf <- mean over the dp replicas (one Allreduce, then one scaling pass)."""
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self._sum(buf, buf)
         buf *= buf.dtype.type(1.0 / self.N)
         self.logged_bytes += int(2 * (self.N - 1) / self.N * buf.nbytes)
 
@@ -73,10 +85,10 @@ class Averaging(Exchange):
             return None
         if self.eval_stage is None:
             self.eval_stage = self.make_stage()
-        self.comm.Allreduce(self.flat.data, self.eval_stage.flat.data, op=MPI.SUM)
+        self._sum(self.flat.data, self.eval_stage.flat.data)
         self.eval_stage.flat.data *= self.flat.dtype.type(1.0 / self.N)
         if self.buffers is not None and self.buffers.size:
-            self.comm.Allreduce(self.buffers.data, self.eval_stage.buffers.data, op=MPI.SUM)
+            self._sum(self.buffers.data, self.eval_stage.buffers.data)
             self.eval_stage.buffers.data *= 1.0 / self.N
         return self.eval_stage
 

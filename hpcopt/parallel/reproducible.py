@@ -16,8 +16,15 @@ How, for the data-parallel strategy over a model of dense layers:
     update       the gradient norm (clipping, the non-finite check, metrics) a float64 sum in a fixed
                  tree over the global gradient every rank holds; every optimizer is elementwise: the
                  same bits on every rank.
-Not covered (one line when asked for): other strategies, ZeRO-1, compression, layers other than
-dense/activation/flatten/dropout, float64 models, the GPU.
+    ZeRO-1       (parallel.zero = 1) each rank updates its shard of that global gradient with its 1/N
+                 of the optimizer state, the norm taken over the whole gradient, then an Allgatherv of
+                 the shards (ShardGather): elementwise, the same bits as without shards.
+    local SGD    each replica steps alone with these kernels (Reproducible(COMM_SELF)), and the
+                 averages are exact fixed-point sums (local_sgd.Averaging(exact=True)): the same bits
+                 for any thread count, whatever order the MPI library reduces in. Across rank counts
+                 local SGD is another algorithm (N replicas averaged), so not equal there.
+Not covered (one line when asked for): the pipeline, tensor, hybrid and async strategies,
+compression, layers other than dense/activation/flatten/dropout, float64 models, the GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from numba import njit, prange
 
 from ..errors import ConfigError
 from . import reprosum
+from .strategy import Exchange
 
 LAYERS = ("dense", "activation", "flatten", "dropout")
 BLOCKS = 256   # the norm's fixed tree: a function of the buffer's length only
@@ -62,10 +70,8 @@ def check(cfg, spec) -> None:
     """What run.reproducible covers; ConfigError naming the first thing it does not."""
     src, p = cfg.source, cfg.parallel
     why = None
-    if p.strategy != "data":
-        why = f"parallel.strategy = \"{p.strategy}\" (it covers \"data\")"
-    elif p.zero:
-        why = "parallel.zero = 1"
+    if p.strategy not in ("data", "local_sgd"):
+        why = f"parallel.strategy = \"{p.strategy}\" (it covers \"data\" and \"local_sgd\")"
     elif p.compression != "none":
         why = f"parallel.compression = \"{p.compression}\""
     elif cfg.model.dtype != "float32":
@@ -79,6 +85,23 @@ def check(cfg, spec) -> None:
     if why:
         raise ConfigError(f"{src}: run.reproducible = true does not cover {why}; docs/reproducible.md says "
                           f"what it covers")
+
+
+class ShardGather(Exchange):
+    """ZeRO-1 under run.reproducible: nothing to exchange after backward (each rank holds the global
+    gradient, summed in a fixed order), each rank's optimizer updates its shard with 1/N of the state;
+    then the shards are gathered. Every element's update is the same arithmetic as without sharding,
+    and the norm is taken over the whole gradient: the same bits as the unsharded run."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def after_update(self, t: int, applied: bool) -> None:
+        if applied:
+            self.shard.gather_params()
+
+    def extra_metrics(self) -> dict:
+        return dict(state_elements=self.shard.hi - self.shard.lo)
 
 
 class Reproducible:

@@ -59,15 +59,23 @@ class Shard:
     """This rank's shard of a replica's flat buffer: the views the update works on, and where its
     optimizer state sits in the global tensors."""
 
-    def __init__(self, flat, comm: MPI.Comm):
+    def __init__(self, flat, comm: MPI.Comm, own_grad: bool = True):
+        """own_grad=False: no gradient buffer of the shard's own (run.reproducible: every rank holds
+        the whole summed gradient, and the update reads its shard's part of it)."""
         self.flat, self.comm = flat, comm
         N, r = comm.Get_size(), comm.Get_rank()
         self.bounds = shard_bounds(flat, N)
         self.lo, self.hi = self.bounds[r], self.bounds[r + 1]
         self.counts = np.diff(self.bounds).astype(np.int64)     # elements per rank
         self.displs = np.array(self.bounds[:-1], dtype=np.int64)
-        self.grad = memory.zeros(self.hi - self.lo, flat.dtype)  # (hi - lo,) summed gradients
+        self.grad = memory.zeros(self.hi - self.lo, flat.dtype) if own_grad else None  # (hi - lo,) summed
         self.params = flat.data[self.lo:self.hi]                 # (hi - lo,) a view
+
+    def gather_params(self) -> None:
+        """Every rank's updated shard into every rank's flat buffer (one Allgatherv)."""
+        if self.comm.Get_size() > 1:
+            self.comm.Allgatherv(MPI.IN_PLACE, [self.flat.data, (self.counts, self.displs),
+                                                _MPI_TYPE[self.flat.dtype]])
 
     def segments(self) -> list[tuple[int, int]]:
         """Each tensor's part of the shard, relative to lo: they tile [0, hi - lo)."""
@@ -129,9 +137,8 @@ class ReduceScatter:
 
     def after_update(self, applied: bool) -> None:
         """Every rank holds all parameters again (the same decision everywhere: the norm is global)."""
-        if applied and self.N > 1:
-            s = self.shard
-            self.comm.Allgatherv(MPI.IN_PLACE, [s.flat.data, (s.counts, s.displs), self.mpi_type])
+        if applied:
+            self.shard.gather_params()
 
     def bytes_per_step(self) -> int:
         """Reduce-scatter + allgather: 2 (N-1)/N of the buffer, as a ring sends them."""

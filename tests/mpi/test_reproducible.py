@@ -1,6 +1,7 @@
 """run.reproducible = true: the digits MLP's parameters after 100 steps are bitwise equal for 1, 2, 3, 4 and
-8 ranks, 1 and 2 threads per rank, overlap on and off, with sgd, momentum and adam; a 2-rank checkpoint
-resumed on 3 ranks ends bitwise equal to the uninterrupted 2-rank run; what it does not cover is one line.
+8 ranks, 1 and 2 threads per rank, overlap on and off, ZeRO-1 (3 ranks), with sgd, momentum and adam; a
+2-rank checkpoint resumed on 3 ranks ends bitwise equal to the uninterrupted 2-rank run; local SGD is the
+same bits for 1 and 2 threads and its averages are exact; what it does not cover is one line.
 
 Each layout is one launch of `hpcopt sweep` over the three optimizers with one group of all the ranks
 (three ordinary runs on the world, one process start-up)."""
@@ -12,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, ckpt_export, hpcopt
+from tests.conftest import REPO, ckpt_export, hpcopt, run
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 STEPS = 100
@@ -22,7 +23,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 
 # (ranks, threads per rank, extra overrides)
 LAYOUTS = [(1, 1, ()), (1, 2, ()), (2, 2, ("parallel.overlap=false", "parallel.bucket_mb=0.01")),
-           (3, 1, ()), (4, 1, ()), (8, 1, ())]
+           (3, 1, ("parallel.zero=1",)), (4, 1, ()), (8, 1, ())]
 
 
 def sweep(tmp_path, name: str, n: int, threads: int, extra, digits) -> dict[str, dict]:
@@ -47,8 +48,8 @@ def reference(tmp_path_factory, digits):
     return sweep(tmp, "ref", 1, 1, (), digits)
 
 
-@pytest.mark.parametrize("n,threads,extra", LAYOUTS[1:], ids=[f"{n}ranks-{t}threads{'-nooverlap' if e else ''}"
-                                                              for n, t, e in LAYOUTS[1:]])
+@pytest.mark.parametrize("n,threads,extra", LAYOUTS[1:], ids=[f"{n}ranks-{t}threads" + "".join(
+    "-nooverlap" if "overlap" in o else "-zero1" if "zero" in o else "" for o in e) for n, t, e in LAYOUTS[1:]])
 def test_bitwise_equal_for_any_layout(tmp_path, digits, reference, n, threads, extra):
     got = sweep(tmp_path, f"n{n}", n, threads, extra, digits)
     for opt in OPTIMIZERS:
@@ -76,9 +77,41 @@ def test_resumed_on_another_rank_count_continues_bitwise(tmp_path, digits, refer
         assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], reference["adam"][k]), k
 
 
+def test_local_sgd_is_the_same_bits_for_any_thread_count(tmp_path, digits):
+    """Local SGD: each replica steps with the fixed-order kernels and the averages (parameters and adam's
+    state, every 4 steps) are exact sums: 1 and 2 threads per rank give the same bits."""
+    extra = ("parallel.strategy=local_sgd", "parallel.average_every=4", "parallel.average_optimizer_state=true")
+    one, two = (sweep(tmp_path, f"local{t}", 2, t, extra, digits) for t in (1, 2))
+    for opt in OPTIMIZERS:
+        for k, ref in one[opt].items():
+            assert np.array_equal(two[opt][k], ref), f"{opt} {k}: max |diff| {np.abs(two[opt][k] - ref).max()}"
+
+
+AVERAGE = """
+from types import SimpleNamespace
+import numpy as np
+from mpi4py import MPI
+from hpcopt.parallel.local_sgd import Averaging
+comm = MPI.COMM_WORLD
+v = np.full(5, [1e8, 1.0, -1e8, 1.0][comm.Get_rank()], np.float32)
+Averaging(SimpleNamespace(data=v), comm, 1, False, dict, None, exact=True).average_replicas(False)
+got = comm.gather(v.tolist())
+if comm.Get_rank() == 0:
+    print("averages", got, flush=True)
+"""
+
+
+def test_local_sgd_averages_are_exact_sums():
+    """1e8 + 1 - 1e8 + 1 over 4 ranks: float32 sums give 0, 1 or 2 by the order they add in (1e8 + 1 rounds
+    to 1e8); the exact sum is 2 in every order, so every rank's average is 0.5."""
+    p = run(["-c", AVERAGE], n=4, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert f"averages {[[0.5] * 5] * 4}" in p.stdout, p.stdout
+
+
 @pytest.mark.parametrize("override,words", [
-    ("parallel.strategy=local_sgd", 'does not cover parallel.strategy = "local_sgd"'),
-    ("parallel.zero=1", "does not cover parallel.zero = 1"),
+    ("parallel.strategy=pipeline", 'does not cover parallel.strategy = "pipeline"'),
+    ("parallel.compression=fp16", 'does not cover parallel.compression = "fp16"'),
     ("model.dtype=float64", 'does not cover model.dtype = "float64"'),
 ])
 def test_what_it_does_not_cover_is_one_line(tmp_path, digits, override, words):
