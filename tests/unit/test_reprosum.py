@@ -438,3 +438,43 @@ def test_allreduce_exact_exponent_given():
         bad[7] = np.nan
         assert R.allreduce_exact(comm, bad, exponent=3) == R.NONFINITE
         assert np.isnan(bad[7]) and same_bits(np.delete(bad, 7), np.delete(g, 7))
+
+
+def test_the_norms_fixed_tree_is_the_same_for_any_thread_count_and_accurate():
+    """reproducible.Reproducible.sum_sq (the gradient norm of a reproducible run): blocks of fixed bounds,
+    each in 8 interleaved lanes, the same bits with 1 and 2 Numba threads, with and without clip_value;
+    within float64 rounding of the exact sums; the lanes order really is the one written down."""
+    import numba
+
+    from hpcopt.parallel.reproducible import BLOCKS, LANES, Reproducible
+
+    rng = np.random.default_rng(5)
+    for n in (7, 8 * BLOCKS + 3, 100_003):
+        g = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 30.0], n)).astype(np.float32)
+        got = {}
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            got[threads] = [Reproducible.sum_sq(g, clip) for clip in (0.0, 0.5)]
+        numba.set_num_threads(1)
+        assert got[1] == got[2], n
+        (sq, sq_c0), (sq1, sq_c) = got[1]
+        g64 = g.astype(np.float64)
+        exact = math.fsum(g64 * g64)
+        clamped = np.clip(g64, -0.5, 0.5)
+        assert sq == sq_c0 == sq1 and abs(sq - exact) <= 1e-12 * exact
+        assert abs(sq_c - math.fsum(clamped * clamped)) <= 1e-12 * sq_c
+        if n == 7:  # blocks of at most one value: the plain running sum
+            want = 0.0
+            for v in g64:
+                want += v * v
+            assert sq == want
+    x = np.arange(1, 8 * BLOCKS * 2 + 1, dtype=np.float32)  # each block 16 values: two rounds of 8 lanes
+    lanes = []
+    for b in range(BLOCKS):
+        blk = x[16 * b:16 * (b + 1)].astype(np.float64) ** 2
+        a = blk[:LANES] + blk[LANES:]
+        lanes.append(((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+    want = 0.0
+    for v in lanes:
+        want += v
+    assert Reproducible.sum_sq(x, 0.0)[0] == want
