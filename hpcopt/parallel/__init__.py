@@ -11,6 +11,11 @@
     hybrid      a stage of tp blocks     PipelineExecutor     BucketedExchange            the partition
     local_sgd   whole model              Sequential (mean)    Averaging                   the replica
     async       whole model              Sequential (mean)    (its own server protocol)   server: all
+
+run.reproducible = true (reproducible.py) swaps parts: Sequential with its fixed-order kernels, and
+    data        GatheredGradients (dW gathered in backward)         the replica
+    data+zero   ShardGather (the same, then the shards gathered)    this rank's shard
+    local_sgd   Averaging(exact=True)                               the replica
 """
 from __future__ import annotations
 
@@ -108,8 +113,7 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
     part = Partition(cfg, grid, 0, n_units(cfg))
     f = part.flat
     if cfg.run.reproducible:   # gradients summed in a fixed order inside backward; no bucket exchange
-        from .reproducible import Reproducible
-        from .strategy import Exchange
+        from .reproducible import GatheredGradients, Reproducible
 
         repro = Reproducible(comm)
         executor = Sequential(part, 1, global_batch // grid.dp, global_batch, repro=repro)
@@ -120,9 +124,10 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
             shard = Shard(f, comm, own_grad=False)
             update = _update(cfg, shard.params, f.grad[shard.lo:shard.hi], shard.segments(),
                              sum_sq=lambda grads, clip_value: repro.sum_sq(f.grad, clip_value))
-            return Strategy("data", part, executor, ShardGather(shard), update, state_blocks=shard.blocks())
+            return Strategy("data", part, executor, ShardGather(repro, shard), update,
+                            state_blocks=shard.blocks())
         update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=repro.sum_sq)
-        return Strategy("data", part, executor, Exchange(), update)
+        return Strategy("data", part, executor, GatheredGradients(repro), update)
     executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
     unit_of = part.stage.unit_of
     if p.zero:

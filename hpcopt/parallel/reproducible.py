@@ -74,7 +74,7 @@ def _block_sum_sq(g, lo, hi, clip, clipped):
     return s
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _sum_sq_fixed_tree(g, clip):
     n = g.size
     clipped = clip < np.inf
@@ -114,13 +114,29 @@ def check(cfg, spec) -> None:
                           f"what it covers")
 
 
-class ShardGather(Exchange):
+class GatheredGradients(Exchange):
+    """The data strategy under run.reproducible: backward leaves each dense layer's dW blocks gathering
+    (Iallgatherv, reprosum gather mode) while the layers below it run; reduce() waits for them."""
+
+    def __init__(self, repro: "Reproducible"):
+        self.repro = repro
+
+    def reduce(self) -> None:
+        from mpi4py import MPI
+
+        if self.repro.pending:
+            MPI.Request.Waitall(self.repro.pending)
+            self.repro.pending.clear()
+
+
+class ShardGather(GatheredGradients):
     """ZeRO-1 under run.reproducible: nothing to exchange after backward (each rank holds the global
     gradient, summed in a fixed order), each rank's optimizer updates its shard with 1/N of the state;
     then the shards are gathered. Every element's update is the same arithmetic as without sharding,
     and the norm is taken over the whole gradient: the same bits as the unsharded run."""
 
-    def __init__(self, shard):
+    def __init__(self, repro: "Reproducible", shard):
+        super().__init__(repro)
         self.shard = shard
 
     def after_update(self, t: int, applied: bool) -> None:
@@ -136,13 +152,15 @@ class Reproducible:
 
     def __init__(self, comm):
         self.comm = comm if comm.Get_size() > 1 else None
+        self.pending: list = []   # dW gathers in flight (GatheredGradients.reduce waits for them)
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return reprosum.fixed_matmul(a, b, out=out, kc=KC, rule=RULE)
 
     def dense_backward(self, x, dz, W, need_dx, dW, db, dx):
         return reprosum.reproducible_dense_backward(np.ascontiguousarray(x), dz, W, self.comm, mode="gather",
-                                                    kc=KC, rule=RULE, need_dx=need_dx, dW=dW, db=db, dx=dx)
+                                                    kc=KC, rule=RULE, need_dx=need_dx, dW=dW, db=db, dx=dx,
+                                                    pending=self.pending)
 
     @staticmethod
     def sum_sq(grads: np.ndarray, clip_value: float) -> tuple[float, float]:

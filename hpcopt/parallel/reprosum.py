@@ -728,7 +728,7 @@ def reproducible_dense_backward(x: np.ndarray, dy: np.ndarray, W: np.ndarray, co
                                 kc: int = KC, rule: str = "balanced", mode: str = "auto", chunk: int = 32,
                                 need_dx: bool = True,
                                 dW: np.ndarray | None = None, db: np.ndarray | None = None,
-                                dx: np.ndarray | None = None, info: dict | None = None):
+                                dx: np.ndarray | None = None, info: dict | None = None, pending: list | None = None):
     """(dW, db, dx) of y = x W + b, bitwise the same for any split of the global batch's rows over comm.
 
     x (B_r, n_in), dy (B_r, n_out) float32: this rank's rows, which are the r-th block of the global
@@ -738,7 +738,9 @@ def reproducible_dense_backward(x: np.ndarray, dy: np.ndarray, W: np.ndarray, co
     kc, rule: fixed_matmul's k chunks. mode: "gather", "chunks" or "auto" (choose_mode); chunk: rows per
     virtual chunk ("chunks": must divide B_r on every layout used; a fixed number, NOT B_r). info: a
     dict to receive "exponent", an E with |dW|, |db| < 2^E derived from the global batch (the same on
-    every layout): exact_sum_sq's `exponent` for a one-pass norm (the max over the layers)."""
+    every layout): exact_sum_sq's `exponent` for a one-pass norm (the max over the layers). pending (gather
+    mode): a list to receive the request of dW's Iallgatherv instead of waiting for it here (the caller
+    waits before it reads dW: the next layer's backward runs meanwhile)."""
     from mpi4py import MPI
     size = 1 if comm is None else comm.Get_size()
     B_r, n_in = x.shape
@@ -758,7 +760,10 @@ def reproducible_dense_backward(x: np.ndarray, dy: np.ndarray, W: np.ndarray, co
         if size > 1:
             counts = [(bounds[i + 1] - bounds[i]) * n_out for i in range(size)]
             displs = [bounds[i] * n_out for i in range(size)]
-            comm.Allgatherv(MPI.IN_PLACE, [dW.reshape(-1), counts, displs, MPI.FLOAT])
+            if pending is None:
+                comm.Allgatherv(MPI.IN_PLACE, [dW.reshape(-1), counts, displs, MPI.FLOAT])
+            else:
+                pending.append(comm.Iallgatherv(MPI.IN_PLACE, [dW.reshape(-1), counts, displs, MPI.FLOAT]))
         exact_colsum(DY, out=db, local=True, terms=B)
         if info is not None:   # |chain| <= (1 + u)^B sum|x||dy| < 2 B 2^Ex 2^Edy; |db| < 2 B 2^Edy
             Ex, Edy = max_exponent(X), max_exponent(DY)
