@@ -15,9 +15,10 @@ scaling at fixed resources per rank. Inside each launch, every rank measures, in
   diagnosis  what the stall watchdog + flight recorder, and the collective fingerprints, cost a step
              (docs/diagnosis.md): the digits MLP 64-128-128-10 (32 samples/rank) and --layers, each step
              the strategy's step plus the Trainer's per-step agreement (a 3-int Allreduce on the world),
-             with its communicators calling MPI directly (off), traced with the watchdog running
-             (recorder) and with fingerprints too; one step of each in turn; the ratio is the median
-             of the per-repeat ratios
+             with its communicators calling MPI directly (off), through a Python method that only
+             calls MPI (empty: what any recorder written in Python costs at least), traced with the
+             watchdog running (recorder) and with fingerprints too; one step of each in turn; the
+             ratio is the median of the per-repeat ratios
 Figures are medians over --repeats; the machine is shared, so medians and ratios matter more than
 absolute numbers.
 """
@@ -99,7 +100,10 @@ def _rows(one: dict, par: dict, args, threads: int) -> list[dict]:
         d = par.get(f"diag_{key}")
         if not d:
             continue
-        rows += [dict(name=f"watchdog + flight recorder, {label}, {n} ranks", unit="ms/step", hpcopt=d["rec_ms"],
+        rows += [dict(name=f"an empty Python override of each MPI call (the floor of a recorder in Python), {label}, "
+                           f"{n} ranks", unit="ms/step", hpcopt=d["empty_ms"], peer_name="the same step, diagnosis off",
+                      peer=d["off_ms"], ratio=1 / d["empty_ratio"], limit=None, overhead=d["empty_ratio"] - 1),
+                 dict(name=f"watchdog + flight recorder, {label}, {n} ranks", unit="ms/step", hpcopt=d["rec_ms"],
                       peer_name="the same step, diagnosis off", peer=d["off_ms"], ratio=1 / d["rec_ratio"],
                       limit=None, overhead=d["rec_ratio"] - 1, target_overhead=0.01, watchdog_thread=d["thread"]),
                  dict(name=f"collective fingerprints, {label}, {n} ranks", unit="ms/step", hpcopt=d["fp_ms"],
@@ -199,7 +203,7 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
     watch.set_phase("step")
     flags = np.zeros(3, np.int32)
     t = [0]
-    times: dict = {v: [] for v in ("off", "rec", "fp")}
+    times: dict = {v: [] for v in ("off", "empty", "rec", "fp")}
     state = fingerprint.STATE
     clock = time.perf_counter
     busy0, wall0 = watch.busy_s, clock()
@@ -207,16 +211,16 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
         for rep in range(repeats + 1):  # the first round warms up
             spent = dict.fromkeys(times, 0.0)
             world.Barrier()
-            for i in range(steps):  # one step of each, in turn: the machine's load drifts alike for all three
-                order = list(times)[i % 3:] + list(times)[:i % 3]
+            for i in range(steps):  # one step of each, in turn: the machine's load drifts alike for all
+                order = list(times)[i % 4:] + list(times)[:i % 4]
                 for v in order:
-                    fingerprint.bypass(v == "off")
+                    fingerprint.bypass(True if v == "off" else "empty" if v == "empty" else False)
                     state.enabled = v == "fp"
                     t0 = clock()
                     t[0] += 1
                     s.step(x, y, t[0], 1e-3)
                     grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)  # the Trainer's checkpoint_due
-                    if v != "off":
+                    if v in ("rec", "fp"):
                         watch.beat(t[0])
                     spent[v] += clock() - t0
             if rep:
@@ -231,6 +235,8 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
     med = statistics.median
     # the thread runs in all three (it is cheap to leave on): its share is added to the recorder's ratio
     return dict(off_ms=1e3 * med(times["off"]), rec_ms=1e3 * med(times["rec"]), fp_ms=1e3 * med(times["fp"]),
+                empty_ms=1e3 * med(times["empty"]),
+                empty_ratio=med(a / b for a, b in zip(times["empty"], times["off"])),
                 thread=thread, rec_ratio=thread + med(a / b for a, b in zip(times["rec"], times["off"])),
                 fp_ratio=med(a / b for a, b in zip(times["fp"], times["rec"])),
                 all_ratio=med(a / b for a, b in zip(times["fp"], times["off"])))

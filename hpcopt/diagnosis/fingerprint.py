@@ -537,12 +537,24 @@ _CALLS = [k for k, v in vars(Traced).items() if callable(v) and not k.startswith
 _OWN = {k: vars(Traced)[k] for k in _CALLS}
 
 
-def bypass(on: bool) -> None:
+def _forwarder(name: str):
+    base = getattr(MPI.Intracomm, name)
+
+    def call(self, *args, **kwargs):
+        return base(self, *args, **kwargs)
+    return call
+
+
+_EMPTY = {k: _forwarder(k) for k in _CALLS}
+
+
+def bypass(on) -> None:
     """For `hpcopt bench dp` only: every Traced communicator calls MPI directly (on=True; nothing
-    recorded, no fingerprints) or through its recording methods again (on=False). Measures the cost of
-    tracing on the very same objects (a second strategy would sit elsewhere in memory)."""
+    recorded, no fingerprints), through a Python method that only calls MPI (on="empty": the least any
+    recorder written in Python costs), or through its recording methods again (on=False). Measures the
+    cost of tracing on the very same objects (a second strategy would sit elsewhere in memory)."""
     for k in _CALLS:
-        setattr(Traced, k, getattr(MPI.Intracomm, k) if on else _OWN[k])
+        setattr(Traced, k, _EMPTY[k] if on == "empty" else getattr(MPI.Intracomm, k) if on else _OWN[k])
 
 
 def traced() -> list[Traced]:

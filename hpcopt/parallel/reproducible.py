@@ -119,6 +119,7 @@ class GatheredGradients(Exchange):
     (Iallgatherv, reprosum gather mode) while the layers below it run; reduce() waits for them."""
 
     def __init__(self, repro: "Reproducible"):
+        super().__init__()
         self.repro = repro
 
     def reduce(self) -> None:
