@@ -262,6 +262,7 @@ class Trainer:
         self.step_count = 0      # global steps done (0-based index of the next step)
         self.opt_steps = 0       # optimizer updates applied (steps minus skipped ones)
         self.skipped = 0         # steps skipped for a non-finite gradient
+        self.row_losses: list = []  # run.reproducible: each step's per-row losses since the last log
         self.resumed_from = None
         if ckpt is not None:
             self.notes += agree(world, self.strategy.restore, resume_path, ckpt, load_state)
@@ -302,6 +303,8 @@ class Trainer:
         lr = self.lr(self.step_count)
         r = self.strategy.step(x, labels, self.opt_steps + 1, lr)
         loss_sum, norm = r.loss_sum, r.grad_norm
+        if r.rows is not None:  # run.reproducible: summed exactly at the next logged step
+            self.row_losses.append(r.rows)
         if r.applied:
             self.opt_steps += 1
         else:
@@ -379,7 +382,15 @@ class Trainer:
                 last = done == stop_at
                 pruned = False
                 if done % every == 0 or last:
-                    loss = self.grid.world.allreduce(loss_acc) / (self.global_batch * (done - steps_at_last))
+                    n_rows = self.global_batch * (done - steps_at_last)
+                    if cfg.run.reproducible:  # every row's loss, summed exactly: the same bits on any layout
+                        from .parallel.reprosum import exact_sum
+
+                        rows = np.concatenate(self.row_losses) if self.row_losses else np.empty(0)
+                        self.row_losses.clear()
+                        loss = exact_sum(rows, self.grid.world, terms=n_rows) / n_rows
+                    else:
+                        loss = self.grid.world.allreduce(loss_acc) / n_rows
                     now = time.perf_counter()
                     rec = dict(step=done, epoch=self.loader.position(done - 1)[0], loss=loss, lr=lr,
                                grad_norm=norm, skipped=self.skipped,

@@ -196,11 +196,12 @@ def softmax_ce_rows(logits, labels, scale, dlogits, losses):
 
 
 @njit(cache=True)
-def mse_onehot(out, labels, scale, dout):
+def mse_onehot(out, labels, scale, dout, losses):
     """Mean squared error against one-hot targets. out, dout (B, C); labels (B,) int.
 
     Per-sample loss sum_j (out_ij - t_ij)², averaged over samples AND outputs (torch's MSELoss mean):
     dout := 2 (out - t) * scale with scale = 1 / (global batch * C). Returns the SUM of squared errors.
+    losses (B,) float64, or empty: each row's squared error / C (a sample's loss), kept.
     """
     B, C = out.shape
     sq = np.empty(B, dtype=np.float64)
@@ -212,6 +213,8 @@ def mse_onehot(out, labels, scale, dout):
             acc += d * d
             dout[i, j] = 2 * d * scale
         sq[i] = acc
+        if losses.size:
+            losses[i] = acc / C
     total = 0.0
     for i in range(B):
         total += sq[i]
@@ -222,11 +225,12 @@ LOSS_MSE, LOSS_L1, LOSS_HUBER, LOSS_REL_L2 = 0, 1, 2, 3
 
 
 @njit(cache=True)
-def regression_loss(out, t, code, scale, dout):
+def regression_loss(out, t, code, scale, dout, losses):
     """Regression losses over rows: out, t, dout (B, T). Per sample, the MEAN over its T values of
     (o - t)² (mse), |o - t| (l1), huber with delta 1 (0.5 d² where |d| < 1, |d| - 0.5 else), or the
     relative error ||o - t|| / ||t|| (rel_l2). dout := the gradient times `scale` (1 / global batch).
-    Returns the SUM over samples (float64, accumulated in row order)."""
+    Returns the SUM over samples (float64, accumulated in row order); losses (B,) float64, or empty:
+    each sample's loss, kept."""
     B, T = out.shape
     total = 0.0
     for i in range(B):
@@ -242,6 +246,8 @@ def regression_loss(out, t, code, scale, dout):
             for j in range(T):
                 dout[i, j] = (out[i, j] - t[i, j]) * g
             total += e / nt
+            if losses.size:
+                losses[i] = e / nt
             continue
         for j in range(T):
             d = np.float64(out[i, j]) - t[i, j]
@@ -260,6 +266,8 @@ def regression_loss(out, t, code, scale, dout):
                     g = 1.0 if d > 0 else -1.0
             dout[i, j] = g * scale / T
         total += acc / T
+        if losses.size:
+            losses[i] = acc / T
     return total
 
 

@@ -17,26 +17,38 @@ REGRESSION = ("mse", "l1", "huber", "rel_l2")   # take float targets
 CLASSIFICATION = ("softmax_ce", "mse")          # take integer labels (mse: one-hot targets)
 
 
+_NO_ROWS = np.empty(0)
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
-def softmax_ce(logits: np.ndarray, labels: np.ndarray, global_batch: int, dlogits: np.ndarray) -> float:
-    return K.softmax_ce(logits, labels, 1.0 / global_batch, dlogits)
+def softmax_ce(logits: np.ndarray, labels: np.ndarray, global_batch: int, dlogits: np.ndarray,
+               rows: np.ndarray | None = None) -> float:
+    """rows (B,) float64, given: each sample's loss is kept there (every loss here takes it)."""
+    if rows is None:
+        return K.softmax_ce(logits, labels, 1.0 / global_batch, dlogits)
+    K.softmax_ce_rows(logits, labels, 1.0 / global_batch, dlogits, rows)
+    return float(rows.sum())
 
 
-def mse(out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray) -> float:
+def mse(out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray,
+        rows: np.ndarray | None = None) -> float:
     """Integer labels: against one-hot targets, reported per sample as sum over outputs / C (torch's
     MSELoss mean). Float targets: the regression MSE, mean over each sample's values."""
+    rows = _NO_ROWS if rows is None else rows
     if labels.dtype.kind == "f":
-        return K.regression_loss(_rows(out), _rows(labels), K.LOSS_MSE, 1.0 / global_batch, _rows(dout))
+        return K.regression_loss(_rows(out), _rows(labels), K.LOSS_MSE, 1.0 / global_batch, _rows(dout), rows)
     C = out.shape[1]
-    return K.mse_onehot(out, labels, 1.0 / (global_batch * C), dout) / C
+    return K.mse_onehot(out, labels, 1.0 / (global_batch * C), dout, rows) / C
 
 
 def _regression(code: int):
-    def loss(out: np.ndarray, targets: np.ndarray, global_batch: int, dout: np.ndarray) -> float:
-        return K.regression_loss(_rows(out), _rows(targets), code, 1.0 / global_batch, _rows(dout))
+    def loss(out: np.ndarray, targets: np.ndarray, global_batch: int, dout: np.ndarray,
+             rows: np.ndarray | None = None) -> float:
+        return K.regression_loss(_rows(out), _rows(targets), code, 1.0 / global_batch, _rows(dout),
+                                 _NO_ROWS if rows is None else rows)
     return loss
 
 

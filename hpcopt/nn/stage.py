@@ -118,10 +118,14 @@ class Stage:
                 on_layer_done(self.lo + j)
         return d if need_dx else None
 
-    def loss(self, out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray) -> float:
+    def loss(self, out: np.ndarray, labels: np.ndarray, global_batch: int, dout: np.ndarray,
+             rows: np.ndarray | None = None) -> float:
         """The loss's SUM over the rows of `out`; dout := its gradient scaled by 1 / global batch.
-        labels: integer classes (B,), or float targets (B, ...) of as many values per row as out's."""
-        return self.loss_fn(out, labels, global_batch, dout)
+        labels: integer classes (B,), or float targets (B, ...) of as many values per row as out's.
+        rows (B,) float64, given: each row's loss, kept there (run.reproducible sums them exactly)."""
+        if rows is None:
+            return self.loss_fn(out, labels, global_batch, dout)
+        return self.loss_fn(out, labels, global_batch, dout, rows)
 
     def score(self, out: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The evaluation sums of the network's output rows (losses.scores): [sum of losses, number

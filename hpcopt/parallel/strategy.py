@@ -39,6 +39,7 @@ class StepResult:
     loss_sum: float     # this rank's contribution to the global batch's loss sum
     grad_norm: float    # global gradient L2 norm before clipping (inf/nan if non-finite)
     applied: bool       # False: non-finite gradient, update skipped on every rank
+    rows: np.ndarray | None = None  # run.reproducible: this rank's per-row losses (summed exactly when logged)
 
 
 class Exchange:
@@ -81,17 +82,22 @@ class Sequential:
         self.first_row = partition.grid.dp_rank * micro_batches * micro_batch
         self.train_fields = repro.ctx_fields(True) if repro is not None else {}
         self.eval_fields = repro.ctx_fields(False) if repro is not None else {}
+        self.keep_rows = repro is not None   # run.reproducible: each row's loss, for an exact logged loss
+        self.rows = None                     # the last step's per-row losses (keep_rows)
 
     def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None, step: int = 0) -> float:
         st, part, mb = self.stage, self.partition, self.micro_batch
         x = np.ascontiguousarray(x, dtype=st.dtype)
         loss_sum = 0.0
+        if self.keep_rows:
+            self.rows = np.empty(self.micro_batches * mb)
         for k in range(self.micro_batches):
             rows = slice(k * mb, (k + 1) * mb)
             ctx = Ctx(part.tp_sum, part.dp_sum, True, step, self.first_row + k * mb, **self.train_fields)
             acts = st.forward(x[rows], ctx=ctx)                       # [x, ..., out (mb, outputs)]
             dout = np.empty_like(acts[-1])
-            loss_sum += st.loss(acts[-1], labels[rows], self.scale, dout)
+            loss_sum += st.loss(acts[-1], labels[rows], self.scale, dout,
+                                self.rows[rows] if self.keep_rows else None)
             last = k == self.micro_batches - 1  # the backward that leaves the gradients final
             st.backward(acts, dout, need_dx=False, accumulate=k > 0, ctx=ctx,
                         on_layer_done=on_layer_done if last else None)
@@ -133,7 +139,7 @@ class Strategy:
         self.exchange.reduce()
         norm, applied = self.update.apply(t, lr)
         self.exchange.after_update(t, applied)
-        return StepResult(loss_sum, norm, applied)
+        return StepResult(loss_sum, norm, applied, getattr(self.executor, "rows", None))
 
     # -- evaluation ------------------------------------------------------------------------------------
     def prepare_evaluate(self) -> None:

@@ -7,6 +7,7 @@ Each layout is one launch of `hpcopt sweep` over the three optimizers with one g
 (three ordinary runs on the world, one process start-up)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -37,8 +38,12 @@ def sweep(tmp_path, name: str, n: int, threads: int, extra, digits) -> dict[str,
     assert p.returncode == 0, p.stdout + p.stderr
     out = {}
     for t, name_ in enumerate(OPTIMIZERS):
-        ckpt = tmp_path / name / f"trial_{t:04d}" / "checkpoints" / f"step_{STEPS:08d}.h5"
-        out[name_] = ckpt_export(ckpt, tmp_path / f"{name}-{name_}.npz")
+        trial = tmp_path / name / f"trial_{t:04d}"
+        out[name_] = dict(ckpt_export(trial / "checkpoints" / f"step_{STEPS:08d}.h5", tmp_path / f"{name}-{name_}.npz"))
+        # the logged training loss (every row's loss summed exactly): the same bits too
+        out[name_]["logged loss"] = np.array([json.loads(line)["loss"] for line in open(trial / "metrics.jsonl")
+                                              if '"loss"' in line])
+        assert out[name_]["logged loss"].size == STEPS // 50
     return out
 
 
@@ -75,6 +80,8 @@ def test_resumed_on_another_rank_count_continues_bitwise(tmp_path, digits, refer
     b = ckpt_export(three / "checkpoints" / f"step_{STEPS:08d}.h5", tmp_path / "b.npz")
     for k in a:
         assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], reference["adam"][k]), k
+    logged = [[json.loads(line)["loss"] for line in open(d / "metrics.jsonl") if '"loss"' in line] for d in (two, three)]
+    assert logged[1] == logged[0][-1:] and logged[0][-1] == reference["adam"]["logged loss"][-1], logged
 
 
 def test_local_sgd_is_the_same_bits_for_any_thread_count(tmp_path, digits):
