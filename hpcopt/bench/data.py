@@ -53,6 +53,7 @@ import tempfile
 import time
 
 PROBLEM = "darcy2d"
+REPEATED = ("gen_s", "solve_s", "write_s", "npsave_s", "startup_s", "warmup_s", "job_wall_s")  # per launch
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -99,11 +100,9 @@ def run(args) -> list[dict]:
                     raise RuntimeError(f"bench data under mpirun -n {n} failed:\n{out.stderr}")
                 raw = [json.loads(line)["raw"] for line in out.stdout.splitlines() if line.startswith("{")][0]
                 raw["job_wall_s"] = wall
-                if n not in got:
-                    got[n] = {**raw, **{k: [raw[k]] for k in ("startup_s", "warmup_s", "job_wall_s")}}
-                else:
-                    for k in ("gen_s", "solve_s", "write_s", "npsave_s", "startup_s", "warmup_s", "job_wall_s"):
-                        got[n][k] += raw[k] if isinstance(raw[k], list) else [raw[k]]
+                merged = got.setdefault(n, dict(raw, **{k: [] for k in REPEATED}))
+                for k in REPEATED:  # each launch's figures, one after the other
+                    merged[k] += _listed(raw[k])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return _rows(got)

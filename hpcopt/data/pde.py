@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import numbers
 import os
@@ -847,8 +848,8 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
     level 0-9, a whole chunk) from a shared counter as they finish the last one, so a slower rank simply
     makes fewer (_produce). Uncompressed, each piece is written as soon as it is made by its rank alone;
     compressed data needs collective writes: about `buffer_mb` MiB of samples per rank (at most twice
-    that) are solved in a round, then all ranks write what they hold together. The file is written as a hidden temporary beside `out` and
-    renamed by rank 0 when every rank has finished; a failure on any rank raises the same DataError on
+    that) are solved in a round, then all ranks write what they hold together. The file is written as
+    a hidden temporary beside `out` and renamed by rank 0 when every rank has finished; a failure on any rank raises the same DataError on
     all ranks and leaves nothing behind. The datasets, and with compression=None the whole file, are
     the same bytes for any number of ranks."""
     import h5py
@@ -942,8 +943,8 @@ def make_pde(problem: str, out: str, samples: int, grid: int, seed: int = 0, tes
             rounds = not mpio or compression is not None  # else each piece is written when made
             units = [[i] for i in range(len(pieces))]
             if compression is not None:  # a compressed chunk is written once: whole chunks are the units
-                keys = [(q[0], q[1] // chunk_samples) for q in pieces]
-                units = [[i for i, key in enumerate(keys) if key == k] for k in dict.fromkeys(keys)]
+                units = [[i for i, _ in run] for _, run in itertools.groupby(
+                    enumerate(pieces), key=lambda ip: (ip[1][0], ip[1][1] // chunk_samples))]
             unit_bytes = _sample_bytes(ins, outs) * max(sum(pieces[i][2] - pieces[i][1] for i in u) for u in units)
             solve, w = _produce(comm, datasets if f is not None else None, mpio, units, make,
                                 max(1, int(buffer_mb * 2**20) // unit_bytes) if rounds else None)
@@ -986,6 +987,9 @@ def _produce(comm, datasets, mpio: bool, units: list, make, per_round: int | Non
 
     rank, size, n = comm.Get_rank(), comm.Get_size(), len(units)
     solve_s = write_s = 0.0
+    if per_round is None:
+        independent = h5p.create(h5p.DATASET_XFER)
+        independent.set_dxpl_mpio(h5fd.MPIO_INDEPENDENT)
     counter = _Counter(comm, n)
     span = (per_round or 1) * size  # round k: the units [k span, (k+1) span), handed out as asked for
     try:
@@ -1004,10 +1008,8 @@ def _produce(comm, datasets, mpio: bool, units: list, make, per_round: int | Non
                         solve_s += time.perf_counter() - ts
                     if per_round is None:  # written now, from this rank alone
                         tw = time.perf_counter()
-                        dxpl = h5p.create(h5p.DATASET_XFER)
-                        dxpl.set_dxpl_mpio(h5fd.MPIO_INDEPENDENT)
                         for j, name in enumerate(("x", "y")):
-                            _write_rows(datasets[piece[0], name], [(piece[1], piece[2 + j])], dxpl)
+                            _write_rows(datasets[piece[0], name], [(piece[1], piece[2 + j])], independent)
                         write_s += time.perf_counter() - tw
                     else:
                         got.append(piece)

@@ -29,7 +29,7 @@ compression, layers other than dense/activation/flatten/dropout, float64 models,
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..errors import ConfigError
 from . import reprosum
@@ -80,7 +80,7 @@ def _sum_sq_fixed_tree(g, clip):
     clipped = clip < np.inf
     sq = np.zeros(BLOCKS)
     sq_clipped = np.zeros(BLOCKS)
-    for b in prange(BLOCKS):
+    for b in range(BLOCKS):
         lo, hi = b * n // BLOCKS, (b + 1) * n // BLOCKS
         sq[b] = _block_sum_sq(g, lo, hi, clip, False)
         if clipped:
