@@ -328,13 +328,21 @@ class Trainer:
         self.strategy.prepare_evaluate()
         lo, hi = n * self.grid.dp_rank // self.grid.dp, n * (self.grid.dp_rank + 1) // self.grid.dp
         regression = self.info.task == "regression"
-        totals = np.zeros(3 + 2 * self.info.targets if regression else 2)
+        width = 3 + 2 * self.info.targets if regression else 2
+        totals, rows = np.zeros(width), []
         for start in range(lo, hi, 4096):
             x, y = self.test.slice(start, min(hi, start + 4096))
             part = self.strategy.evaluate(x, y)
-            if part is not None:
+            if part is not None and self.cfg.run.reproducible:
+                rows.append(part)   # each row's terms
+            elif part is not None:
                 totals += part
-        self.grid.world.Allreduce(MPI.IN_PLACE, totals)  # contributions sum over the world
+        if self.cfg.run.reproducible:  # the rows' terms summed exactly: the same bits on any layout
+            from .parallel.reprosum import exact_colsums
+
+            totals = exact_colsums(np.concatenate(rows) if rows else np.empty((0, width)), self.grid.world, terms=n)
+        else:
+            self.grid.world.Allreduce(MPI.IN_PLACE, totals)  # contributions sum over the world
         return losses.summarise(totals, n, regression)
 
     # -- the loop ----------------------------------------------------------------------------

@@ -291,6 +291,37 @@ def regression_stats(out, t, res):
 
 
 @njit(cache=True)
+def regression_rows(out, t, res):
+    """regression_stats per row: res (B, 3 + 2T) float64 := [_, ||o - t|| / ||t||, sum of (o - t)², t_j
+    (T values), t_j² (T values)] of each row, the same arithmetic (run.reproducible sums the rows exactly)."""
+    B, T = out.shape
+    for i in range(B):
+        e = 0.0
+        nt = 0.0
+        for j in range(T):
+            d = np.float64(out[i, j]) - t[i, j]
+            y = np.float64(t[i, j])
+            e += d * d
+            nt += y * y
+            res[i, 3 + j] = y
+            res[i, 3 + T + j] = y * y
+        res[i, 1] = math.sqrt(e) / math.sqrt(nt)
+        res[i, 2] = e
+
+
+@njit(cache=True)
+def correct_rows(logits, labels, out):
+    """count_correct per row: out[i] := 1.0 if row i's argmax (first maximum) is its label, else 0.0."""
+    B, C = logits.shape
+    for i in range(B):
+        best = 0
+        for j in range(1, C):
+            if logits[i, j] > logits[i, best]:
+                best = j
+        out[i] = 1.0 if best == labels[i] else 0.0
+
+
+@njit(cache=True)
 def count_correct(logits, labels):
     """Number of rows whose argmax equals the label (first maximum wins, like numpy)."""
     B, C = logits.shape

@@ -69,6 +69,21 @@ def scores(out: np.ndarray, targets: np.ndarray, loss_sum: float) -> np.ndarray:
     return res
 
 
+def row_scores(out: np.ndarray, targets: np.ndarray, row_losses: np.ndarray) -> np.ndarray:
+    """`scores` before the sum over rows: (B, len(scores)) float64, each row's terms (run.reproducible
+    sums them exactly over ranks, so the test metrics do not depend on how the rows are split)."""
+    B = out.shape[0]
+    if targets.dtype.kind != "f":
+        res = np.empty((B, 2))
+        K.correct_rows(out, targets, res[:, 1])
+    else:
+        o, t = _rows(out), _rows(targets)
+        res = np.empty((B, 3 + 2 * o.shape[1]))
+        K.regression_rows(o, t, res)
+    res[:, 0] = row_losses
+    return res
+
+
 def summarise(totals: np.ndarray, n: int, regression: bool) -> dict:
     """The test metrics from the summed `scores` of n samples."""
     if not regression:

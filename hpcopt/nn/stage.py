@@ -18,7 +18,7 @@ import numpy as np
 from ..modelspec import Spec, from_widths
 from .build import build_layer, leaves
 from .layers import COLUMN, EVAL, FULL, ROW, Ctx, Dense, TpSum, _no_sum, init_rng  # noqa: F401 (re-exported)
-from .losses import LOSSES, scores
+from .losses import LOSSES, row_scores, scores
 from .params import FlatParams
 
 
@@ -127,10 +127,15 @@ class Stage:
             return self.loss_fn(out, labels, global_batch, dout)
         return self.loss_fn(out, labels, global_batch, dout, rows)
 
-    def score(self, out: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def score(self, out: np.ndarray, labels: np.ndarray, rows: bool = False) -> np.ndarray:
         """The evaluation sums of the network's output rows (losses.scores): [sum of losses, number
-        correct] for classes; the regression sums (relative L2, squared errors, target moments) else."""
+        correct] for classes; the regression sums (relative L2, squared errors, target moments) else.
+        rows: each row's terms instead, (B, len(sums)) (losses.row_scores; run.reproducible)."""
         scratch = np.empty_like(out)
+        if rows:
+            losses = np.empty(len(out))
+            self.loss_fn(out, labels, 1, scratch, losses)
+            return row_scores(out, labels, losses)
         return scores(out, labels, self.loss_fn(out, labels, 1, scratch))
 
     # -- the whole model in one process (a stage holding every unit) -----------------------------------

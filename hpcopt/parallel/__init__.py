@@ -15,6 +15,8 @@
 run.reproducible = true (reproducible.py) swaps parts: Sequential with its fixed-order kernels, and
     data        GatheredGradients (dW gathered in backward)         the replica
     data+zero   ShardGather (the same, then the shards gathered)    this rank's shard
+    pipeline    GatheredGradients (dW from all micro-batches' rows    the partition
+                at the last backward, MicroBatched)
     local_sgd   Averaging(exact=True)                               the replica
 """
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
     part = Partition(cfg, grid, 0, n_units(cfg))
     f = part.flat
     if cfg.run.reproducible:   # gradients summed in a fixed order inside backward; no bucket exchange
-        from .reproducible import GatheredGradients, Reproducible
+        from .reproducible import GatheredGradients, NormSums, Reproducible
 
         repro = Reproducible(comm)
         executor = Sequential(part, 1, global_batch // grid.dp, global_batch, repro=repro)
@@ -122,11 +124,12 @@ def _replicas(cfg: JobConfig, grid: "Grid", global_batch: int):
             from .zero import Shard
 
             shard = Shard(f, comm, own_grad=False)
+            norm = NormSums(f.segments())   # over the whole gradient every rank holds
             update = _update(cfg, shard.params, f.grad[shard.lo:shard.hi], shard.segments(),
-                             sum_sq=lambda grads, clip_value: repro.sum_sq(f.grad, clip_value))
+                             sum_sq=lambda grads, clip_value: norm(f.grad, clip_value))
             return Strategy("data", part, executor, ShardGather(repro, shard), update,
                             state_blocks=shard.blocks())
-        update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=repro.sum_sq)
+        update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=NormSums(f.segments()))
         return Strategy("data", part, executor, GatheredGradients(repro), update)
     executor = Sequential(part, 1, global_batch // grid.dp, global_batch)
     unit_of = part.stage.unit_of
@@ -159,6 +162,14 @@ def _model_parallel(cfg: JobConfig, grid: "Grid", global_batch: int):
     part = Partition(cfg, grid, lo, hi, bounds)
     f = part.flat
     micro_batch = global_batch // grid.dp // p.micro_batches
+    if cfg.run.reproducible:   # the pipeline (reproducible.check refuses tensor and hybrid)
+        from .reproducible import GatheredGradients, MicroBatched, NormSums, Reproducible
+
+        repro = Reproducible(grid.dp_comm)
+        executor = PipelineExecutor(part, grid.pp_comm, p.schedule, p.micro_batches, micro_batch, global_batch,
+                                    repro=MicroBatched(repro, p.micro_batches, micro_batch))
+        update = _update(cfg, f.data, f.grad, f.segments(), sum_sq=NormSums(f.segments(), grid.pp_comm))
+        return Strategy(name, part, executor, GatheredGradients(repro), update)
     if name == "tensor":
         executor = Sequential(part, p.micro_batches, micro_batch, global_batch)
     else:
@@ -184,10 +195,10 @@ def _local_sgd(cfg: JobConfig, grid: "Grid", global_batch: int):
     if cfg.run.reproducible:  # each replica's step in a fixed order (alone: no rows of other ranks)
         from mpi4py import MPI
 
-        from .reproducible import Reproducible
+        from .reproducible import NormSums, Reproducible
 
         repro = Reproducible(MPI.COMM_SELF)
-        kw = dict(sum_sq=repro.sum_sq)
+        kw = dict(sum_sq=NormSums(f.segments()))
     update = _update(cfg, f.data, f.grad, f.segments(), agree_comm=comm, **kw)
     exchange = Averaging(f, comm, p.average_every, p.average_optimizer_state, lambda: update.state,
                          lambda: Stage(part.spec, 0, n_units(cfg), m.activation, m.loss, m.dtype, cfg.run.seed,

@@ -68,8 +68,12 @@ class PipelineExecutor:
     partition: this rank's Partition (its Stage, tp_sum, whether it reports the loss); comm: pp_comm,
     whose ranks are the stage indices."""
 
-    def __init__(self, partition, comm, schedule: str, micro_batches: int, micro_batch: int, global_batch: int):
+    def __init__(self, partition, comm, schedule: str, micro_batches: int, micro_batch: int, global_batch: int,
+                 repro=None):
+        """repro: run.reproducible's reproducible.MicroBatched (fixed-order kernels, dW at the last backward)."""
         self.partition, self.stage, self.comm = partition, partition.stage, comm
+        self.repro = repro
+        self.rows = None   # run.reproducible: the last step's per-row losses (the last stage's; others none)
         P, s = comm.Get_size(), comm.Get_rank()
         self.micro_batches, self.micro_batch, self.global_batch = micro_batches, micro_batch, global_batch
         self.actions = build_schedule(schedule, P, micro_batches)[s]
@@ -88,6 +92,8 @@ class PipelineExecutor:
     def run(self, x: np.ndarray, labels: np.ndarray, on_layer_done=None, step: int = 0) -> float:
         """This stage's part of one step; returns its loss contribution (the last stage's, tp rank 0)."""
         work = _StepWork(self, x, labels, on_layer_done, step)
+        if self.repro is not None:
+            self.rows = work.rows = np.empty(self.micro_batches * self.micro_batch if self.stage.is_last else 0)
         self.last_stats = run_stage(self.actions, work, self.comm, self.prev, self.next)
         return work.loss if self.partition.reports_loss else 0.0
 
@@ -99,11 +105,14 @@ class PipelineExecutor:
         else:
             h = np.empty((len(x), *st.in_shape), st.dtype)
             self.comm.Recv(h, source=self.prev, tag=tag(TAG_EVAL, 0))
-        out = st.forward(h, ctx=Ctx(self.partition.tp_sum, training=False))[-1]
+        fields = self.repro.ctx_fields(False) if self.repro is not None else {}
+        out = st.forward(h, ctx=Ctx(self.partition.tp_sum, training=False, **fields))[-1]
         if not st.is_last:
             self.comm.Send(out, dest=self.next, tag=tag(TAG_EVAL, 0))
             return None
-        return st.score(self.partition.denormalize(out), labels) if self.partition.reports_loss else None
+        if not self.partition.reports_loss:
+            return None
+        return st.score(self.partition.denormalize(out), labels, rows=self.repro is not None)
 
     def extra_metrics(self) -> dict:
         """This stage's last step as counted by the runner (rank 0's, stage 0's, is logged)."""
@@ -126,10 +135,13 @@ class _StepWork:
         self.out: dict[int, np.ndarray] = {}          # micro-batch -> its output / input gradient, to send
         self.dx: dict[int, np.ndarray] = {}
         self.loss, self.accumulate = 0.0, False
+        self.rows = None   # run.reproducible: each row's loss (last stage)
 
     def ctx(self, k: int) -> Ctx:
         ex = self.ex
-        return Ctx(ex.partition.tp_sum, ex.partition.dp_sum, True, self.step, ex.first_row + k * ex.micro_batch)
+        fields = ex.repro.ctx_fields(True, k) if ex.repro is not None else {}
+        return Ctx(ex.partition.tp_sum, ex.partition.dp_sum, True, self.step, ex.first_row + k * ex.micro_batch,
+                   **fields)
 
     def act_in(self, k: int) -> np.ndarray:
         return self.ex.inputs[k % self.ex.slots]
@@ -149,7 +161,8 @@ class _StepWork:
         x = self.x[k * mb:(k + 1) * mb] if st.is_first else ex.inputs[slot]
         acts = st.forward(x, ex.acts[slot], ctx=self.ctx(k))
         if st.is_last:
-            self.loss += st.loss(acts[-1], self.labels[k * mb:(k + 1) * mb], ex.global_batch, ex.douts[slot])
+            self.loss += st.loss(acts[-1], self.labels[k * mb:(k + 1) * mb], ex.global_batch, ex.douts[slot],
+                                 self.rows[k * mb:(k + 1) * mb] if self.rows is not None else None)
         else:
             self.out[k] = acts[-1]
         self.held[k] = acts

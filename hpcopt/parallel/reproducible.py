@@ -14,17 +14,21 @@ How, for the data-parallel strategy over a model of dense layers:
                  global sums on every rank: no bucket exchange follows (parallel.bucket_mb and
                  parallel.overlap do not change a reproducible run).
     update       the gradient norm (clipping, the non-finite check, metrics) a float64 sum in a fixed
-                 tree over the global gradient every rank holds; every optimizer is elementwise: the
-                 same bits on every rank.
+                 tree per tensor, the tensors added in the model's order (NormSums) over the global
+                 gradient every rank holds; every optimizer is elementwise: the same bits on every rank.
     ZeRO-1       (parallel.zero = 1) each rank updates its shard of that global gradient with its 1/N
                  of the optimizer state, the norm taken over the whole gradient, then an Allgatherv of
                  the shards (ShardGather): elementwise, the same bits as without shards.
+    pipeline     each stage's dense layers keep the step's micro-batches' rows and compute dW, db from
+                 all of them at the last backward (MicroBatched): the data strategy's chain over the
+                 global batch; the norm's per-tensor sums gathered over the stages.
     local SGD    each replica steps alone with these kernels (Reproducible(COMM_SELF)), and the
                  averages are exact fixed-point sums (local_sgd.Averaging(exact=True)): the same bits
                  for any thread count, whatever order the MPI library reduces in. Across rank counts
                  local SGD is another algorithm (N replicas averaged), so not equal there.
-Not covered (one line when asked for): the pipeline, tensor, hybrid and async strategies,
-compression, layers other than dense/activation/flatten/dropout, float64 models, the GPU.
+    evaluation   each row's loss and scores summed exactly (losses.row_scores, reprosum.exact_colsums).
+Not covered (one line when asked for): the tensor, hybrid and async strategies, compression, layers
+other than dense/activation/flatten/dropout, float64 models, the GPU.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from . import reprosum
 from .strategy import Exchange
 
 LAYERS = ("dense", "activation", "flatten", "dropout")
-BLOCKS = 256   # the norm's fixed tree: a function of the buffer's length only
+STRATEGIES = ("data", "pipeline", "local_sgd")
 # The products' k chunks: OpenBLAS's own one-thread blocking with GEMM_Q = 448 (SkylakeX), so that a
 # one-thread call IS the fixed-order product (docs/reproducible.md §6: the cheapest of the rules
 # measured). Part of the definition of a reproducible run: changing it changes the bits.
@@ -44,6 +48,7 @@ KC, RULE = 448, "openblas"
 
 
 LANES = 8      # each block: 8 interleaved float64 sums (lane l: elements 8j + l), added pairwise at the end
+BLOCK = 8192   # the norm's fixed tree: a tensor of n values is ceil(n / BLOCK) blocks (a function of n only)
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False)
@@ -75,30 +80,66 @@ def _block_sum_sq(g, lo, hi, clip, clipped):
 
 
 @njit(cache=True)
-def _sum_sq_fixed_tree(g, clip):
-    n = g.size
+def _tensor_sums(g, offsets, lengths, clip, out):
+    """out[t] = (sum g², sum clamp(g)²) of tensor t (g[offsets[t]:offsets[t] + lengths[t]]): its
+    ceil(n / BLOCK) blocks [b n / nb, (b + 1) n / nb), each by _block_sum_sq, added in order."""
     clipped = clip < np.inf
-    sq = np.zeros(BLOCKS)
-    sq_clipped = np.zeros(BLOCKS)
-    for b in range(BLOCKS):
-        lo, hi = b * n // BLOCKS, (b + 1) * n // BLOCKS
-        sq[b] = _block_sum_sq(g, lo, hi, clip, False)
-        if clipped:
-            sq_clipped[b] = _block_sum_sq(g, lo, hi, clip, True)
+    for t in range(offsets.size):
+        o, n = offsets[t], lengths[t]
+        nb = max(1, (n + BLOCK - 1) // BLOCK)
+        s = 0.0
+        c = 0.0
+        for b in range(nb):
+            lo, hi = o + b * n // nb, o + (b + 1) * n // nb
+            s += _block_sum_sq(g, lo, hi, clip, False)
+            if clipped:
+                c += _block_sum_sq(g, lo, hi, clip, True)
+        out[t, 0] = s
+        out[t, 1] = c if clipped else s
+
+
+@njit(cache=True)
+def _in_order(parts):
+    """The tensors' sums added one after another in the model's buffer order."""
     s = 0.0
     c = 0.0
-    for b in range(BLOCKS):
-        s += sq[b]
-        c += sq_clipped[b]
-    return s, (c if clipped else s)
+    for t in range(parts.shape[0]):
+        s += parts[t, 0]
+        c += parts[t, 1]
+    return s, c
+
+
+class NormSums:
+    """clip_and_check's sum_sq under run.reproducible: (sum g², sum clamp(g)²) of the WHOLE model's
+    gradient, the same bits for any layout holding it. Each tensor's sums are a float64 tree fixed by its
+    length alone (_tensor_sums), and the tensors' sums are added in the model's buffer order (backward
+    order: the last layer's tensors first). segments: this rank's tensors (offset, length) in its buffer,
+    in that order; stages: the pipeline communicator whose rank p holds stage p (its tensors follow
+    stage p + 1's in the model's order): the stages' per-tensor sums are gathered (one small allgather)
+    and every rank adds all of them in the same order. Thread-independent; cheaper than the exact
+    fixed-point sum a sum over ranks of partial totals would need (docs/reproducible.md §0)."""
+
+    def __init__(self, segments, stages=None):
+        self.offsets = np.array([o for o, _ in segments], np.int64)
+        self.lengths = np.array([n for _, n in segments], np.int64)
+        self.parts = np.empty((len(segments), 2))
+        self.stages = stages if stages is not None and stages.Get_size() > 1 else None
+
+    def __call__(self, grads: np.ndarray, clip_value: float) -> tuple[float, float]:
+        _tensor_sums(grads, self.offsets, self.lengths, clip_value if clip_value > 0 else np.inf, self.parts)
+        parts = self.parts
+        if self.stages is not None:   # stage P-1's tensors come first in the model's buffer order
+            parts = np.concatenate(self.stages.allgather(parts)[::-1])
+        return _in_order(parts)
 
 
 def check(cfg, spec) -> None:
     """What run.reproducible covers; ConfigError naming the first thing it does not."""
     src, p = cfg.source, cfg.parallel
     why = None
-    if p.strategy not in ("data", "local_sgd"):
-        why = f"parallel.strategy = \"{p.strategy}\" (it covers \"data\" and \"local_sgd\")"
+    if p.strategy not in STRATEGIES:
+        why = (f"parallel.strategy = \"{p.strategy}\" (it covers "
+               f"{', '.join(chr(34) + n + chr(34) for n in STRATEGIES)})")
     elif p.compression != "none":
         why = f"parallel.compression = \"{p.compression}\""
     elif cfg.model.dtype != "float32":
@@ -163,13 +204,39 @@ class Reproducible:
                                                     kc=KC, rule=RULE, need_dx=need_dx, dW=dW, db=db, dx=dx,
                                                     pending=self.pending)
 
-    @staticmethod
-    def sum_sq(grads: np.ndarray, clip_value: float) -> tuple[float, float]:
-        """(sum g², sum clamp(g)²) of the global gradient, which every rank holds whole: float64 sums in
-        a fixed tree (BLOCKS blocks of the buffer, each in LANES interleaved sums, then the blocks in
-        order), so the same bits for any thread count; cheaper than the exact fixed-point sum, which a
-        sum over ranks would need and this one does not."""
-        return _sum_sq_fixed_tree(grads, clip_value if clip_value > 0 else np.inf)
-
     def ctx_fields(self, training: bool) -> dict:
         return dict(matmul=self.matmul, dense_backward=self.dense_backward if training else None)
+
+
+class MicroBatched:
+    """A pipeline stage's dense layers under run.reproducible: each micro-batch's dx at once (per row,
+    fixed order: the stage before needs it), while its rows of the layer's input and dL/dz are copied
+    into the step's (micro_batches x micro_batch)-row buffers; the last micro-batch's backward (backwards
+    run in micro-batch order in every schedule) computes dW and db from all of them with the data
+    strategy's kernel (gather mode over the dp ranks). The replica's rows in micro-batch order are its
+    rows of the global batch in order, so dW is the same fixed-order chain over the global batch as in
+    the data strategy: the same bits for any stage count, micro-batch count and schedule."""
+
+    def __init__(self, repro: Reproducible, micro_batches: int, micro_batch: int):
+        self.repro, self.M, self.mb = repro, micro_batches, micro_batch
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # dW's address -> (inputs, dL/dz)
+
+    def ctx_fields(self, training: bool, k: int = 0) -> dict:
+        if not training:
+            return self.repro.ctx_fields(False)
+        return dict(matmul=self.repro.matmul, dense_backward=lambda *a: self.dense_backward(k, *a))
+
+    def dense_backward(self, k, x, dz, W, need_dx, dW, db, dx):
+        dx = reprosum.fixed_matmul(dz, W.T, out=dx, kc=KC, rule=RULE) if need_dx else None
+        key = dW.__array_interface__["data"][0]
+        bufs = self.rows.get(key)
+        if bufs is None:
+            n = self.M * self.mb
+            bufs = self.rows[key] = (np.empty((n, x.shape[1]), np.float32), np.empty((n, dz.shape[1]), np.float32))
+        X, DZ = bufs
+        X[k * self.mb:(k + 1) * self.mb] = x
+        DZ[k * self.mb:(k + 1) * self.mb] = dz
+        if k == self.M - 1:
+            reprosum.reproducible_dense_backward(X, DZ, W, self.repro.comm, mode="gather", kc=KC, rule=RULE,
+                                                 need_dx=False, dW=dW, db=db, pending=self.repro.pending)
+        return dW, db, dx

@@ -621,6 +621,37 @@ def exact_sum(values: np.ndarray, comm=None, terms: int | None = None) -> float:
     return _limbs_value(acc, w, E - w)
 
 
+def exact_colsums(values: np.ndarray, comm=None, terms: int | None = None) -> np.ndarray:
+    """exact_sum of every column of a (rows, S) float64 array over comm: (S,) float64, each column's sum
+    exact in fixed point (its own agreed exponent, three limbs) then rounded once: the same bits for any
+    split of the rows over ranks. One MAX and one SUM Allreduce for all columns. terms: the rows in all
+    (default: this rank's rows x ranks). A column holding inf or nan: its IEEE sum over ranks."""
+    from mpi4py import MPI
+    x = np.ascontiguousarray(values, dtype=np.float64)
+    S = x.shape[1]
+    size = 1 if comm is None else comm.Get_size()
+    with np.errstate(invalid="ignore"):
+        top = np.abs(x).max(axis=0) if len(x) else np.zeros(S)
+    E_local = [NONFINITE if not math.isfinite(m) else EMPTY if m == 0 else math.frexp(m)[1] for m in top.tolist()]
+    E = agree_exponent(comm, E_local)
+    E = [E] if S == 1 and not isinstance(E, list) else E
+    w = 62 - ceil_log2(terms or len(x) * size)
+    acc = np.zeros((S, 4), np.int64)     # three limbs, and (for non-finite columns) nothing: see plain
+    plain = np.zeros(S)
+    for j in range(S):
+        if E[j] == NONFINITE:
+            plain[j] = float(np.sum(x[:, j]))
+        elif E[j] != EMPTY:
+            k = w - E[j]
+            _limbs3(np.ascontiguousarray(x[:, j]), _pow2(k // 2), _pow2(k - k // 2), w, acc[j])
+    if size > 1:
+        comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
+        if NONFINITE in E:
+            comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
+    return np.array([plain[j] if E[j] == NONFINITE else 0.0 if E[j] == EMPTY else _limbs_value(acc[j, :3], w, E[j] - w)
+                     for j in range(S)])
+
+
 def exact_sum_sq(x: np.ndarray, comm=None, terms: int | None = None, exponent: int | None = None) -> float:
     """sum(x^2) of a float32 buffer (summed over comm when given: ZeRO shards, tp partitions), the same
     bits for any thread count and any split of a fixed buffer.

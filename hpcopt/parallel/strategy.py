@@ -16,7 +16,8 @@ calls only the methods below, on every rank, in the same order:
                                            t: 1-based index of the update if applied; lr: after schedule
     prepare_evaluate()                     collective, before each evaluation
     evaluate(x, labels) -> sums | None     losses.scores contributions that SUM over the world to the
-                                           totals (None: this rank reports none)
+                                           totals (None: this rank reports none); run.reproducible:
+                                           each row's (losses.row_scores), summed exactly
     checkpoint_pieces() -> [checkpoint.Piece]      this rank's share of every global dataset
     restore(path, ckpt) -> notes                   global arrays -> this rank's buffers and state
     extra_metrics() -> dict                        at each logged step, merged into rank 0's record
@@ -107,7 +108,9 @@ class Sequential:
         st = stage or self.stage
         ctx = Ctx(self.partition.tp_sum, training=False, **self.eval_fields)
         out = st.forward(np.ascontiguousarray(x, dtype=st.dtype), ctx=ctx)[-1]
-        return st.score(self.partition.denormalize(out), labels) if self.partition.reports_loss else None
+        if not self.partition.reports_loss:
+            return None
+        return st.score(self.partition.denormalize(out), labels, rows=self.keep_rows)
 
     def extra_metrics(self) -> dict:
         return {}

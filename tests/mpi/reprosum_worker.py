@@ -109,6 +109,13 @@ plain = np.ascontiguousarray(x_r.T @ (x_r @ init[0][0]))
 comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
 result["plain/dW0"] = plain
 
+# exact column sums (the test metrics): rows of wildly different magnitudes, one column with an inf,
+# one all zeros, split over the ranks by blocks: the same bits for every rank count
+S = np.random.default_rng(7).standard_normal((B, 5)) * np.exp2(np.random.default_rng(8).integers(-30, 30, (B, 5)))
+S[:, 3] = 0.0
+S[5, 4] = np.inf
+result["colsums"] = R.exact_colsums(S[rows], comm, terms=B)
+
 # exact Allreduce: the same bits whatever the order of the ranks in the communicator
 r_ = np.random.default_rng(rank)
 g = (r_.standard_normal(5000) * np.exp2(r_.integers(-20, 0, 5000))).astype(np.float32)

@@ -1,5 +1,7 @@
 """run.reproducible = true: the digits MLP's parameters after 100 steps are bitwise equal for 1, 2, 3, 4 and
-8 ranks, 1 and 2 threads per rank, overlap on and off, ZeRO-1 (3 ranks), with sgd, momentum and adam; a
+8 ranks, 1 and 2 threads per rank, overlap on and off, ZeRO-1 (3 ranks), a pipeline of 2 stages (4
+micro-batches, GPipe) and of 2 stages x 2 replicas (3 micro-batches, 1F1B), with sgd, momentum and adam,
+and so are the logged training losses and test metrics; a
 2-rank checkpoint resumed on 3 ranks ends bitwise equal to the uninterrupted 2-rank run; local SGD is the
 same bits for 1 and 2 threads and its averages are exact; what it does not cover is one line.
 
@@ -23,8 +25,11 @@ COMMON = ("run.reproducible=true", f"run.steps={STEPS}", "data.batch_size=96", "
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 # (ranks, threads per rank, extra overrides)
+PIPE = ("parallel.strategy=pipeline", "parallel.pp=2")
 LAYOUTS = [(1, 1, ()), (1, 2, ()), (2, 2, ("parallel.overlap=false", "parallel.bucket_mb=0.01")),
-           (3, 1, ("parallel.zero=1",)), (4, 1, ()), (8, 1, ())]
+           (3, 1, ("parallel.zero=1",)), (4, 1, ()), (8, 1, ()),
+           (2, 1, (*PIPE, "parallel.micro_batches=4", "parallel.schedule=gpipe")),           # 2 stages
+           (4, 1, (*PIPE, "parallel.micro_batches=3", "parallel.schedule=1f1b"))]           # 2 stages x dp 2
 
 
 def sweep(tmp_path, name: str, n: int, threads: int, extra, digits) -> dict[str, dict]:
@@ -44,6 +49,9 @@ def sweep(tmp_path, name: str, n: int, threads: int, extra, digits) -> dict[str,
         out[name_]["logged loss"] = np.array([json.loads(line)["loss"] for line in open(trial / "metrics.jsonl")
                                               if '"loss"' in line])
         assert out[name_]["logged loss"].size == STEPS // 50
+        # the test metrics of the last step (each row's terms summed exactly): the same bits too
+        last = [json.loads(line) for line in open(trial / "metrics.jsonl") if '"test_loss"' in line][-1]
+        out[name_]["test metrics"] = np.array([last["test_loss"], last["test_acc"]])
     return out
 
 
@@ -53,8 +61,13 @@ def reference(tmp_path_factory, digits):
     return sweep(tmp, "ref", 1, 1, (), digits)
 
 
-@pytest.mark.parametrize("n,threads,extra", LAYOUTS[1:], ids=[f"{n}ranks-{t}threads" + "".join(
-    "-nooverlap" if "overlap" in o else "-zero1" if "zero" in o else "" for o in e) for n, t, e in LAYOUTS[1:]])
+def layout_id(n: int, threads: int, extra) -> str:
+    return f"{n}ranks-{threads}threads" + "".join(
+        "-nooverlap" if "overlap" in o else "-zero1" if "zero" in o else "-pipeline" if "pipeline" in o
+        else "-" + o.split("=")[1] if "schedule" in o else "" for o in extra)
+
+
+@pytest.mark.parametrize("n,threads,extra", LAYOUTS[1:], ids=[layout_id(*lay) for lay in LAYOUTS[1:]])
 def test_bitwise_equal_for_any_layout(tmp_path, digits, reference, n, threads, extra):
     got = sweep(tmp_path, f"n{n}", n, threads, extra, digits)
     for opt in OPTIMIZERS:
@@ -117,7 +130,7 @@ def test_local_sgd_averages_are_exact_sums():
 
 
 @pytest.mark.parametrize("override,words", [
-    ("parallel.strategy=pipeline", 'does not cover parallel.strategy = "pipeline"'),
+    ("parallel.strategy=tensor", 'does not cover parallel.strategy = "tensor"'),
     ("parallel.compression=fp16", 'does not cover parallel.compression = "fp16"'),
     ("model.dtype=float64", 'does not cover model.dtype = "float64"'),
 ])

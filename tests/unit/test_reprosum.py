@@ -441,40 +441,108 @@ def test_allreduce_exact_exponent_given():
 
 
 def test_the_norms_fixed_tree_is_the_same_for_any_thread_count_and_accurate():
-    """reproducible.Reproducible.sum_sq (the gradient norm of a reproducible run): blocks of fixed bounds,
-    each in 8 interleaved lanes, the same bits with 1 and 2 Numba threads, with and without clip_value;
-    within float64 rounding of the exact sums; the lanes order really is the one written down."""
+    """reproducible.NormSums (the gradient norm of a reproducible run): per tensor, blocks of bounds fixed
+    by its length, each in 8 interleaved lanes, the tensors added in buffer order: the same bits with 1
+    and 2 Numba threads, with and without clip_value; within float64 rounding of the exact sums; the
+    order really is the one written down."""
     import numba
 
-    from hpcopt.parallel.reproducible import BLOCKS, LANES, Reproducible
+    from hpcopt.parallel.reproducible import BLOCK, LANES, NormSums
 
     rng = np.random.default_rng(5)
-    for n in (7, 8 * BLOCKS + 3, 100_003):
-        g = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 30.0], n)).astype(np.float32)
-        got = {}
-        for threads in (1, 2):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            got[threads] = [Reproducible.sum_sq(g, clip) for clip in (0.0, 0.5)]
-        numba.set_num_threads(1)
-        assert got[1] == got[2], n
-        (sq, sq_c0), (sq1, sq_c) = got[1]
-        g64 = g.astype(np.float64)
-        exact = math.fsum(g64 * g64)
-        clamped = np.clip(g64, -0.5, 0.5)
-        assert sq == sq_c0 == sq1 and abs(sq - exact) <= 1e-12 * exact
-        assert abs(sq_c - math.fsum(clamped * clamped)) <= 1e-12 * sq_c
-        if n == 7:  # blocks of at most one value: the plain running sum
-            want = 0.0
-            for v in g64:
-                want += v * v
-            assert sq == want
-    x = np.arange(1, 8 * BLOCKS * 2 + 1, dtype=np.float32)  # each block 16 values: two rounds of 8 lanes
-    lanes = []
-    for b in range(BLOCKS):
-        blk = x[16 * b:16 * (b + 1)].astype(np.float64) ** 2
-        a = blk[:LANES] + blk[LANES:]
-        lanes.append(((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-    want = 0.0
-    for v in lanes:
-        want += v
-    assert Reproducible.sum_sq(x, 0.0)[0] == want
+    lengths = (7, 2 * BLOCK + 3, 100_003, 1)
+    segments = list(zip(np.cumsum((0,) + lengths[:-1]).tolist(), lengths))
+    g = (rng.standard_normal(sum(lengths)) * rng.choice([1e-3, 1.0, 30.0], sum(lengths))).astype(np.float32)
+    norm = NormSums(segments)
+    got = {}
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        got[threads] = [norm(g, clip) for clip in (0.0, 0.5)]
+    numba.set_num_threads(1)
+    assert got[1] == got[2]
+    (sq, sq_c0), (sq1, sq_c) = got[1]
+    g64 = g.astype(np.float64)
+    exact = math.fsum(g64 * g64)
+    clamped = np.clip(g64, -0.5, 0.5)
+    assert sq == sq_c0 == sq1 and abs(sq - exact) <= 1e-12 * exact
+    assert abs(sq_c - math.fsum(clamped * clamped)) <= 1e-12 * sq_c
+    # the definition, written out: a tensor of 3 BLOCKs of 8-lane sums, then a tensor of 7 (its running sum)
+    x = np.arange(1, 3 * BLOCK + 8, dtype=np.float32) / 1000
+    blocks = []
+    for b in range(3):
+        lane = np.zeros(LANES)
+        for row in x[b * BLOCK:(b + 1) * BLOCK].astype(np.float64).reshape(-1, LANES) ** 2:
+            lane = lane + row
+        blocks.append(((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])))
+    first = (blocks[0] + blocks[1]) + blocks[2]
+    second = 0.0
+    for v in x[3 * BLOCK:].astype(np.float64):
+        second += v * v
+    assert NormSums([(0, 3 * BLOCK), (3 * BLOCK, 7)])(x, 0.0)[0] == first + second
+
+
+def test_the_norm_is_the_same_bits_when_stages_hold_the_tensors():
+    """A pipeline's stages each hold some of the tensors (stage P-1 the first ones in buffer order): their
+    per-tensor sums gathered and added in the model's order are the whole buffer's bits."""
+    from hpcopt.parallel.reproducible import NormSums
+
+    rng = np.random.default_rng(6)
+    lengths = (10, 10_000, 20_001, 5, 70_000, 3)
+    offsets = np.cumsum((0,) + lengths[:-1]).tolist()
+    g = (rng.standard_normal(sum(lengths)) * 3).astype(np.float32)
+    whole = NormSums(list(zip(offsets, lengths)))(g, 0.25)
+    cut = 2   # stage 1 holds tensors 0-1, stage 0 tensors 2-5, each in a buffer of its own
+    own = [(g[offsets[cut]:].copy(), lengths[cut:]), (g[:offsets[cut]].copy(), lengths[:cut])]   # by stage
+
+    def alone(buf, lens):
+        n = NormSums(list(zip(np.cumsum((0,) + lens[:-1]).tolist(), lens)))
+        n(buf, 0.25)
+        return n.parts.copy()
+
+    parts = [alone(*own[0]), alone(*own[1])]
+
+    class Stages:   # pp_comm as NormSums uses it: the stages' arrays in rank (= stage) order
+        def Get_size(self):
+            return 2
+
+        def allgather(self, mine):
+            return parts
+
+    for stage in (0, 1):
+        buf, lens = own[stage]
+        assert NormSums(list(zip(np.cumsum((0,) + lens[:-1]).tolist(), lens)), Stages())(buf, 0.25) == whole
+
+
+def test_exact_colsums_are_correctly_rounded_and_order_free():
+    """exact_colsums (the test metrics of a reproducible run): each column's sum is the exactly rounded
+    one (math.fsum) for rows spanning 2^60, whatever the row order; zeros give 0, an inf inf."""
+    from hpcopt.parallel.reprosum import exact_colsums
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((500, 4)) * np.exp2(rng.integers(-30, 30, (500, 4)))
+    x[:, 2] = 0.0
+    x[17, 3] = np.inf
+    got = exact_colsums(x)
+    assert got[0] == math.fsum(x[:, 0]) and got[1] == math.fsum(x[:, 1])
+    assert got[2] == 0.0 and got[3] == np.inf
+    perm = exact_colsums(x[rng.permutation(500)])
+    assert np.array_equal(got, perm)
+
+
+def test_row_scores_are_the_scores_per_row():
+    """losses.row_scores (a reproducible run's evaluation): each row's terms, which add up to scores'
+    sums, for classes and for regression targets."""
+    from hpcopt.nn.losses import LOSSES, row_scores, scores
+
+    rng = np.random.default_rng(10)
+    logits = rng.standard_normal((50, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 50)
+    out = rng.standard_normal((50, 3, 4)).astype(np.float32)
+    target = rng.standard_normal((50, 3, 4)).astype(np.float32)
+    for o, t, loss in ((logits, labels, "softmax_ce"), (out, target, "mse")):
+        rows = np.empty(50)
+        total = LOSSES[loss](o, t, 1, np.empty_like(o), rows)
+        per_row = row_scores(o, t, rows)
+        assert per_row.shape == (50, len(scores(o, t, total)))
+        assert np.allclose(per_row.sum(axis=0), scores(o, t, total), rtol=1e-12, atol=0)
+    assert set(row_scores(logits, labels, rows[:50])[:, 1]) <= {0.0, 1.0}
