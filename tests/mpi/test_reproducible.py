@@ -2,7 +2,8 @@
 8 ranks, 1 and 2 threads per rank, overlap on and off, ZeRO-1 (3 ranks), a pipeline of 2 stages (4
 micro-batches, GPipe) and of 2 stages x 2 replicas (3 micro-batches, 1F1B), with sgd, momentum and adam,
 and so are the logged training losses and test metrics; a
-2-rank checkpoint resumed on 3 ranks ends bitwise equal to the uninterrupted 2-rank run; local SGD is the
+2-rank checkpoint (data parallel or 2 stages) resumed on 3 ranks ends bitwise equal to the uninterrupted
+2-rank run; local SGD is the
 same bits for 1 and 2 threads and its averages are exact; what it does not cover is one line.
 
 Each layout is one launch of `hpcopt sweep` over the three optimizers with one group of all the ranks
@@ -75,12 +76,14 @@ def test_bitwise_equal_for_any_layout(tmp_path, digits, reference, n, threads, e
             assert np.array_equal(got[opt][k], ref), f"{opt} {k}: max |diff| {np.abs(got[opt][k] - ref).max()}"
 
 
-def test_resumed_on_another_rank_count_continues_bitwise(tmp_path, digits, reference):
-    """Checkpoints of a 2-rank run at step 50; resumed on 3 ranks to step 100: equal to the 2-rank run
-    that was not interrupted (itself equal to the 1-rank reference)."""
+@pytest.mark.parametrize("first", [(), (*PIPE, "parallel.micro_batches=4")], ids=["data", "pipeline"])
+def test_resumed_on_another_rank_count_continues_bitwise(tmp_path, digits, reference, first):
+    """Checkpoints of a 2-rank run (data parallel, or a pipeline of 2 stages) at step 50; resumed on 3
+    data-parallel ranks to step 100: equal to the 2-rank run that was not interrupted (itself equal to
+    the 1-rank reference)."""
     two = tmp_path / "two"
     hpcopt("train", JOB, f"data.path={digits}", f"run.out_dir={two}", *COMMON, "checkpoint.every_steps=50",
-           "--quiet", n=2, check=True, timeout=120)
+           *first, "--quiet", n=2, check=True, timeout=120)
     three = tmp_path / "three"
     (three / "checkpoints").mkdir(parents=True)
     for f in os.listdir(two / "checkpoints"):
