@@ -28,6 +28,9 @@ from .nn import losses
 from .optim.schedules import lr_at
 from .signals import StopSignals
 
+AGREE_S = 0.02     # checkpoint_due agrees about every this many seconds of steps (a signal waits at most this)
+AGREE_MAX = 1000   # ... and at least every this many steps
+
 
 @dataclass
 class Summary:
@@ -231,6 +234,7 @@ class Trainer:
             raise
         self.signals = signals or StopSignals()
         self.last_ckpt_time = time.monotonic()
+        self.next_agree, self.agreed_at = 0, (0, time.monotonic())   # checkpoint_due's agreements (fit sets them)
         self.last_record: dict = {}   # the last metrics line (loss, and the test scores where evaluated)
 
     def _start(self, cfg, grid, out_dir, resume, resume_force) -> None:
@@ -354,6 +358,7 @@ class Trainer:
         cfg, root = self.cfg, self.grid.is_root
         stop_at = self.total_steps if until is None else min(until, self.total_steps)
         self.signals.install()  # from the first line of `hpcopt train` on; kept until the process exits
+        self.next_agree, self.agreed_at = self.step_count, (self.step_count, time.monotonic())
         if self.step_count >= self.total_steps:  # a finished run, resumed: nothing to do, nothing rewritten
             if root:
                 for note in self.notes:
@@ -455,18 +460,30 @@ class Trainer:
                        test_rel_l2=scores.get("test_rel_l2"), test_r2=scores.get("test_r2"))
 
     def checkpoint_due(self) -> str | None:
-        """All ranks agree whether to checkpoint after this step, and why (one tiny Allreduce).
+        """All ranks agree whether to checkpoint after this step, and why (called after every step).
 
-        A signal may reach the ranks at different steps: the MAX makes the first one win everywhere.
-        Time-based checkpoints follow rank 0's clock.
-        """
+        every_steps is known to every rank alike; a signal, which may reach the ranks at different
+        steps, and every_seconds (rank 0's clock) need an agreement: one tiny Allreduce (MAX: the first
+        signal wins everywhere), made every `agree_every` steps so that it costs a fast step little:
+        rank 0 proposes the next interval, AGREE_S of its recent steps (at most AGREE_MAX), in the same
+        Allreduce, so every rank knows the next agreement's step. A signal is acted on within AGREE_S."""
         c = self.cfg.checkpoint
-        flags = np.zeros(3, dtype=np.int32)  # [signal number seen, time due (rank 0), step due]
+        step_due = bool(c.every_steps) and self.step_count % c.every_steps == 0
+        if self.step_count < self.next_agree and not step_due:
+            return None
+        flags = np.zeros(4, dtype=np.int32)  # [signal number seen, time due (rank 0), step due, next interval]
         flags[0] = self.signals.received
-        if c.every_seconds and self.grid.is_root:
-            flags[1] = time.monotonic() - self.last_ckpt_time >= c.every_seconds
-        flags[2] = bool(c.every_steps) and self.step_count % c.every_steps == 0
-        self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if self.grid.is_root:
+            now = time.monotonic()
+            if c.every_seconds:
+                flags[1] = now - self.last_ckpt_time >= c.every_seconds
+            steps = self.step_count - self.agreed_at[0]
+            per_step = (now - self.agreed_at[1]) / steps if steps > 0 else AGREE_S
+            flags[3] = min(max(int(AGREE_S / max(per_step, 1e-9)), 1), AGREE_MAX)
+        flags[2] = step_due
+        self._agree(flags)
+        self.agreed_at = (self.step_count, time.monotonic())
+        self.next_agree = self.step_count + int(flags[3])
         if flags[0]:
             self.signals.received = int(flags[0])
             if not self.signals.received_at:
@@ -477,6 +494,9 @@ class Trainer:
         if flags[2]:
             return "every_steps"
         return None
+
+    def _agree(self, flags: np.ndarray) -> None:
+        self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_attrs(self) -> dict:

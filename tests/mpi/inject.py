@@ -8,9 +8,10 @@ MODE kill-in-write: rank 0 SIGKILLs itself in the middle of writing the checkpoi
 MODE no-mpio:     h5py is treated as built without MPI (the serial fallback); STEP is unused.
 MODE sleep-in-write: rank 2 sleeps 300 s at the start of writing the checkpoint of step STEP (a stall
                   inside checkpoint writing, for the watchdog).
-MODE count-rank1: rank 1's checkpoint agreement after step STEP is an Allreduce of 4 ints, not 3 (a
-                  collective mismatch).
-MODE skip-rank1:  rank 1 skips the checkpoint agreement's Allreduce after step STEP (a missing collective).
+MODE count-rank1: rank 1's first checkpoint agreement at or after step STEP is an Allreduce of 5 ints,
+                  not 4 (a collective mismatch).
+MODE skip-rank1:  rank 1 skips the Allreduce of its first checkpoint agreement at or after step STEP (a
+                  missing collective).
 MODE segv-rank1:  rank 1 dies of SIGSEGV (reads address 0) before step STEP.
 The time of the fault is written to STAMP_FILE.
 """
@@ -53,18 +54,20 @@ def faulty_step(self):
     return original_step(self)
 
 
-original_due = Trainer.checkpoint_due
+original_agree = Trainer._agree
+injected = []
 
 
-def faulty_due(self):
-    if self.step_count == at_step and rank == 1:
+def faulty_agree(self, flags):
+    if self.step_count >= at_step and rank == 1 and not injected:
+        injected.append(True)
         mark()
         if mode == "skip-rank1":
-            return None
-        flags = np.zeros(4, dtype=np.int32)  # the real one has 3
+            return
+        flags = np.zeros(len(flags) + 1, dtype=np.int32)  # the real one has one value less
         self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
-        return None
-    return original_due(self)
+        return
+    return original_agree(self, flags)
 
 
 original_write = checkpoint.write_parallel
@@ -100,7 +103,7 @@ def faulty_fill(f, pieces, checksums, attrs):
 
 Trainer.step = faulty_step
 if mode in ("count-rank1", "skip-rank1"):
-    Trainer.checkpoint_due = faulty_due
+    Trainer._agree = faulty_agree
 if mode == "sleep-in-write":
     checkpoint.write_parallel = slow_write
 if mode == "kill-in-write":
