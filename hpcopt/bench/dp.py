@@ -13,9 +13,9 @@ scaling at fixed resources per rank. Inside each launch, every rank measures, in
   sync       hpcopt's gradient exchange alone (`exchange.reduce`, one bucket) vs `comm.Allreduce` of the
              same buffer, timed in pairs of one call each (overhead: the median of the per-pair ratios)
   diagnosis  what the stall watchdog + flight recorder, and the collective fingerprints, cost a step
-             (docs/diagnosis.md): the digits MLP 64-128-128-10 (32 samples/rank) and --layers, each step
-             the strategy's step plus the Trainer's per-step agreement (a 3-int Allreduce on the world),
-             with its communicators calling MPI directly (off), through a Python method that only
+             (docs/diagnosis.md): the digits job (a Trainer of jobs/digits_mlp.toml on a synthetic set of
+             the digits' shape, stepped as fit() steps it) and --layers (the strategy's step plus the
+             Trainer's checkpoint agreement), with its communicators calling MPI directly (off), through a Python method that only
              calls MPI (empty: what any recorder written in Python costs at least), traced with the
              watchdog running (recorder) and with fingerprints too; one step of each in turn; the
              ratio is the median of the per-repeat ratios
@@ -96,7 +96,7 @@ def _rows(one: dict, par: dict, args, threads: int) -> list[dict]:
             dict(name=f"scaling efficiency 1 -> {n} ranks, no gradient exchange (compute only)", unit="fraction",
                  hpcopt=par["compute_only_sps"] / (n * one["compute_only_sps"]), peer_name=None, peer=None,
                  ratio=None, limit=1.0)]
-    for key, label in (("digits", "digits MLP 64-128-128-10 batch 32/rank"), ("mlp", model)):
+    for key, label in (("digits", "the digits job (jobs/digits_mlp.toml, its Trainer's step)"), ("mlp", model)):
         d = par.get(f"diag_{key}")
         if not d:
             continue
@@ -183,28 +183,48 @@ def _strategy(widths, batch, world, bucket_mb: float, overlap: bool, traced: boo
     return parallel.build(cfg, grid, batch * world.Get_size())
 
 
-def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, repeats: int) -> dict:
-    """Step time off / with the watchdog + recorder / with fingerprints too (module doc: diagnosis), on ONE
-    strategy over a traced grid: "off" has its communicators call MPI directly (fingerprint.bypass) and
-    the watchdog idle, so that no difference of memory placement between two strategies (5-10% on the
+def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, repeats: int, job: bool = False) -> dict:
+    """Step time off / through an empty override / with the watchdog + recorder / with fingerprints too
+    (module doc: diagnosis), each step made as `hpcopt train` makes it. job=True: the digits job itself,
+    a Trainer of jobs/digits_mlp.toml (a synthetic dataset of the digits' shape) stepped as fit() steps
+    it (loader, strategy, watchdog beat, checkpoint agreement); else the strategy over a traced grid plus
+    the Trainer's checkpoint agreement (a 4-int Allreduce, made every step: these steps are longer than
+    train.AGREE_S). One object stepped in every variant: "off" has its communicators call MPI directly
+    (fingerprint.bypass), so that no difference of memory placement between two objects (5-10% on the
     digits step here) passes for a cost."""
     from mpi4py import MPI
 
     from ..diagnosis import fingerprint
     from ..diagnosis.watchdog import Watchdog
 
-    rng = np.random.default_rng(world.Get_rank())
-    x = rng.random((batch, widths[0]), dtype=np.float32)
-    y = rng.integers(0, widths[-1], batch)
-    grids: list = []
-    s = _strategy(widths, batch, world, bucket_mb, True, traced=True, grid_out=grids)
-    grid = grids[0]
-    watch = Watchdog(grid.world, None, 0.0, "report", grid.traced(), attach=False)
+    state = fingerprint.STATE
+    trainer = tmp = watch = None
+    if job:
+        trainer, tmp = _digits_trainer(world)
+        watch = trainer.watch
+
+        def step(t: int) -> None:
+            trainer.step()
+            watch.beat(trainer.step_count)
+            trainer.checkpoint_due()
+        trainer.next_agree, trainer.agreed_at = trainer.step_count, (trainer.step_count, time.monotonic())
+    else:
+        rng = np.random.default_rng(world.Get_rank())
+        x = rng.random((batch, widths[0]), dtype=np.float32)
+        y = rng.integers(0, widths[-1], batch)
+        grids: list = []
+        s = _strategy(widths, batch, world, bucket_mb, True, traced=True, grid_out=grids)
+        grid = grids[0]
+        watch = Watchdog(grid.world, None, 0.0, "report", grid.traced(), attach=False)
+        flags = np.zeros(4, np.int32)
+
+        def step(t: int) -> None:
+            s.step(x, y, t, 1e-3)
+            watch.beat(t)
+            grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)  # the Trainer's checkpoint agreement
     watch.set_phase("step")
-    flags = np.zeros(3, np.int32)
     t = [0]
     times: dict = {v: [] for v in ("off", "empty", "rec", "fp")}
-    state = fingerprint.STATE
     clock = time.perf_counter
     busy0, wall0 = watch.busy_s, clock()
     try:
@@ -218,10 +238,7 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
                     state.enabled = v == "fp"
                     t0 = clock()
                     t[0] += 1
-                    s.step(x, y, t[0], 1e-3)
-                    grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)  # the Trainer's checkpoint_due
-                    if v in ("rec", "fp"):
-                        watch.beat(t[0])
+                    step(t[0])
                     spent[v] += clock() - t0
             if rep:
                 for v in times:
@@ -230,16 +247,48 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
     finally:
         fingerprint.bypass(False)
         state.enabled = True
-        watch.stop()
-        grid.free()
+        if trainer is not None:
+            trainer.release()
+            world.Barrier()
+            if world.Get_rank() == 0:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            watch.stop()
+            grid.free()
     med = statistics.median
-    # the thread runs in all three (it is cheap to leave on): its share is added to the recorder's ratio
+    # the thread runs in all of them (it is cheap to leave on): its share is added to the recorder's ratio
     return dict(off_ms=1e3 * med(times["off"]), rec_ms=1e3 * med(times["rec"]), fp_ms=1e3 * med(times["fp"]),
                 empty_ms=1e3 * med(times["empty"]),
                 empty_ratio=med(a / b for a, b in zip(times["empty"], times["off"])),
                 thread=thread, rec_ratio=thread + med(a / b for a, b in zip(times["rec"], times["off"])),
                 fp_ratio=med(a / b for a, b in zip(times["fp"], times["rec"])),
                 all_ratio=med(a / b for a, b in zip(times["fp"], times["off"])))
+
+
+def _digits_trainer(world):
+    """A Trainer of jobs/digits_mlp.toml on `world` (as `hpcopt train` builds it), its data a synthetic
+    set of the digits' shape (1,437 + 360 samples of 64 features, 10 classes) in a temporary directory."""
+    import tempfile
+
+    from .. import comm as hcomm
+    from .. import config
+    from ..data.datasets import make_synthetic
+    from ..train import Trainer
+
+    tmp = None
+    if world.Get_rank() == 0:
+        tmp = tempfile.mkdtemp(prefix="hpcopt-bench-")
+        make_synthetic(os.path.join(tmp, "digits.h5"), 1437, 64, 10, test_samples=360)
+    tmp = world.bcast(tmp)
+    job = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs",
+                       "digits_mlp.toml")
+    cfg = config.load(job, [f"data.path={os.path.join(tmp, 'digits.h5')}", f"run.out_dir={os.path.join(tmp, 'run')}",
+                            "run.steps=100000000", "checkpoint.keep=1"])
+    grid = hcomm.make_grid(world, "auto", 1, 1, cfg.source)
+    trainer = Trainer(cfg, grid, os.path.join(tmp, "run"), quiet=True)
+    return trainer, tmp
 
 
 def _measure(args) -> list[dict]:
@@ -296,7 +345,7 @@ def _measure(args) -> list[dict]:
     # what diagnosis costs a step (run.check_collectives, the watchdog), on the digits MLP and this one
     if size > 1:
         raw["diag_digits"] = _diagnosis_cost(world, [64, 128, 128, 10], 32, args.bucket_mb, 10 * args.steps,
-                                             args.repeats)
+                                             args.repeats, job=True)
         raw["diag_mlp"] = _diagnosis_cost(world, widths, args.batch, args.bucket_mb, args.steps, args.repeats)
 
     # PyTorch DDP over gloo, in the same processes

@@ -30,7 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import EXIT_MISMATCH
-from .recorder import DONE, ERROR, HEADER, IN, K, LEAVE, LEAVE_OFF, POSTED, RECORDER, SLOT, short_path
+from .recorder import DONE, ENTER, ERROR, HEADER, IN, K, LEAVE, LEAVE_OFF, POSTED, RECORDER, SLOT, STATIC, short_path
 
 MASK = (1 << 62) - 1
 IN_PLACE = MPI.IN_PLACE
@@ -48,7 +48,7 @@ class State:
 STATE = State()
 _SITES: dict = {}     # id(code) << 24 | line -> (site id, site hash, "file:line", code)  (point to point)
 _KEYS: dict = {}      # (id(code), line, op, dtype) -> _new_key's tuple  (collectives)
-_PACK, _PACK_LEAVE, _SIZE = SLOT.pack_into, LEAVE.pack_into, SLOT.size
+_PACK_ENTER, _PACK_LEAVE, _PACK_STATIC, _SIZE = ENTER.pack_into, LEAVE.pack_into, STATIC.pack, SLOT.size
 _TYPES: dict = {}     # MPI datatype handle -> (name, size)
 _DTYPES: dict = {}    # numpy dtype -> its name (dtype.name takes ~5 us in numpy 2)
 _REGISTRY: list = []  # weakrefs to the Traced communicators that post companions (the watchdog polls them)
@@ -150,6 +150,7 @@ class Traced(MPI.Intracomm):
         self.label = label
         self.label_id = _intern(label)
         self.seq = 0                   # collectives called on it so far
+        self.sites: dict = {}          # the caller's bytecode offset -> _site's tuple (the hot path's cache)
         self.nranks = comm.Get_size() if comm is not None else 0
         self.shadow = MPI.Intracomm(comm).Dup() if self.nranks > 1 else None  # the companions' communicator
         self.fp = np.zeros((K, 2), np.int64)
@@ -164,27 +165,43 @@ class Traced(MPI.Intracomm):
 
     # -- recording and the companion ----------------------------------------------------------------
     # The hot path. Between two collectives the kernels have run and the interpreter's caches are cold:
-    # each Python call and dict lookup here costs a few times what a micro-benchmark shows, so it is
-    # one cached lookup per (call site, operation, datatype) and one struct.pack_into into the ring.
+    # each Python operation here costs several times what a micro-benchmark shows (measured: 1-5 us a
+    # step for each of them on the digits step), so a call is: one lookup of its call site by the
+    # caller's bytecode offset in this communicator's own table (checked against the caller's code
+    # object, the buffer object, the operation and the root: the same objects as last time at this
+    # site, which the exchanges make sure of by reusing their buffer views), two counters, and one
+    # struct.pack_into of the event number, the clock, the call and step numbers and the site's block
+    # of static fields (packed once, when the site is first seen).
     def _enter(self, op: str, buf, root: int, redop, frame, state: int = IN, _time=time.time) -> int:
+        site = self.sites.get(frame.f_lasti)
+        if site is None or site[0] is not frame.f_code or site[1] is not buf or site[2] is not op or site[3] != root:
+            site = self._site(frame, op, buf, root)
+        self.seq = seq = self.seq + 1
+        rec = RECORDER
+        rec.n = n = rec.n + 1
+        st = STATE
+        _PACK_ENTER(rec.mm, HEADER + (n % K) * _SIZE, n, _time(), seq, st.step, site[4], 0.0, state)
+        if self.shadow is not None and st.enabled:
+            self._post(seq, st.step, site[5], site[6], root, redop)
+        return n
+
+    def _site(self, frame, op: str, buf, root: int) -> tuple:
+        """(code, buffer, operation, root, the ring's static block, _KEYS's entry, count) of a call site
+        seen for the first time (or with another buffer object: described again)."""
         if type(buf) is np.ndarray:
             count, nbytes, d = buf.size, buf.nbytes, buf.dtype.num
         elif buf is None:
             count, nbytes, d = 0, 0, None
         else:
             count, d, nbytes = describe(buf)
-        k = _KEYS.get((id(frame.f_code), frame.f_lineno, op, d))  # small ints and an interned str: a cheap hash
+        k = _KEYS.get((id(frame.f_code), frame.f_lineno, op, d))
         if k is None:
             k = _new_key(frame, op, d, buf)
-        self.seq = seq = self.seq + 1
-        st = STATE
-        if self.shadow is not None and st.enabled:
-            self._post(seq, st.step, k, count, root, redop)
-        rec = RECORDER
-        rec.n = n = rec.n + 1
-        _PACK(rec.mm, HEADER + (n % rec.K) * _SIZE, n, _time(), count, nbytes, seq, st.step, k[0], self.label_id,
-              k[1], k[2], root, 0, 0.0, state, 0)
-        return n
+        site = (frame.f_code, buf, op, root, _PACK_STATIC(count, nbytes, k[0], self.label_id, k[1], k[2], root, 0),
+                k, count)
+        if len(self.sites) < 4096:   # a bound: call sites of generated code must not grow it forever
+            self.sites[frame.f_lasti] = site
+        return site
 
     def _p2p(self, op: str, buf, peer: int, frame, state: int = IN) -> int:
         count, dtype, nbytes = describe(buf) if buf is not None else (0, "object", 0)

@@ -2,11 +2,13 @@
 
 Every call on a traced communicator (fingerprint.Traced) writes one fixed-size binary slot of a ring:
 
-    n (event number), t0 (time.time() at entry), count, bytes, the call's number on its communicator,
-    the training step, ids of the operation, communicator, datatype and call site (strings kept in a
-    table after the ring), root or peer, and on leaving: t1 and the state (in, done, posted, error)
+    n (event number), t0 (time.time() at entry), the call's number on its communicator, the training
+    step, then a block that is the same for every call of a call site: count, bytes, ids of the
+    operation, communicator, datatype and call site (strings kept in a table after the ring), root or
+    peer; and on leaving: t1 and the state (in, done, posted, error)
 
-one `struct.pack_into` on entry and one on leaving (~1 us together), no string formatting. The ring
+one `struct.pack_into` on entry (the call site's block packed once, when first seen) and one on leaving,
+no string formatting. The ring
 lives in an mmap: anonymous at first, and during training (attach) a file in /dev/shm, so that what a
 rank did last is readable even after the process is gone:
 
@@ -35,13 +37,15 @@ import time
 import traceback
 
 K = 64                       # calls kept
-# n, t0, count, nbytes, cseq, step, op, comm, dtype, site, peer, pad, t1, state, pad
+# n, t0, cseq, step | count, nbytes, op, comm, dtype, site, peer, pad | t1, state, pad
 SLOT = struct.Struct("<qdqqqqiiiiiidii")
+STATIC = struct.Struct("<qqiiiiii")   # the middle block: the same for every call of a call site
+ENTER = struct.Struct(f"<qdqq{STATIC.size}sdi")   # a call site's entry: n, t0, cseq, step, its static block
 LEAVE = struct.Struct("<di")
 LEAVE_OFF = SLOT.size - LEAVE.size - 4
 HEADER = 512                 # magic, layout, then a line of text (rank, host, pid, run directory)
 TABLE = 64 * 1024            # the strings: op, communicator, datatype, call site names
-MAGIC = b"HPCOPT-RING-1\n"
+MAGIC = b"HPCOPT-RING-2\n"
 LAYOUT = struct.Struct("<iiiiq")  # K, slot size, table offset, table bytes used, pid
 LAYOUT_OFF = 16
 INFO_OFF = 64
@@ -119,7 +123,7 @@ class Recorder:
               step: int, state: int = IN, _pack=SLOT.pack_into, _size=SLOT.size, _time=time.time) -> int:
         """A call begins (or, state=POSTED, a non-blocking one was posted). Returns its event number."""
         self.n = n = self.n + 1
-        _pack(self.mm, HEADER + (n % self.K) * _size, n, _time(), count, nbytes, cseq, step, op, comm, dtype, site,
+        _pack(self.mm, HEADER + (n % self.K) * _size, n, _time(), cseq, step, count, nbytes, op, comm, dtype, site,
               peer, 0, 0.0, state, 0)
         return n
 
@@ -279,7 +283,7 @@ def decode(buf: bytes) -> tuple[str, list[dict]]:
 
     out = []
     for i in range(k):
-        (n, t0, count, nbytes, cseq, step, op, comm, dtype, site, peer, _, t1, state, _) = \
+        (n, t0, cseq, step, count, nbytes, op, comm, dtype, site, peer, _, t1, state, _) = \
             SLOT.unpack_from(buf, HEADER + i * slot)
         if n:
             out.append(dict(n=n, t0=t0, t1=t1, count=count, nbytes=nbytes, cseq=cseq, step=step, op=name(op),
