@@ -481,6 +481,7 @@ class Trainer:
             per_step = (now - self.agreed_at[1]) / steps if steps > 0 else AGREE_S
             flags[3] = min(max(int(AGREE_S / max(per_step, 1e-9)), 1), AGREE_MAX)
         flags[2] = step_due
+        fingerprint.post_digests()   # run.check_collectives: each communicator's calls since the last agreement
         self._agree(flags)
         self.agreed_at = (self.step_count, time.monotonic())
         self.next_agree = self.step_count + int(flags[3])

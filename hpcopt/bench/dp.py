@@ -221,7 +221,8 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
         def step(t: int) -> None:
             s.step(x, y, t, 1e-3)
             watch.beat(t)
-            grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)  # the Trainer's checkpoint agreement
+            fingerprint.post_digests()   # the Trainer's checkpoint agreement (with fingerprints on: companions)
+            grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
     watch.set_phase("step")
     t = [0]
     times: dict = {v: [] for v in ("off", "empty", "rec", "fp")}

@@ -19,8 +19,9 @@ one). The reporter asks every rank for its status (host, pid, step, phase, the f
 calls and whether the last one was left, the main thread's Python stack from sys._current_frames),
 waits ANSWER_S for the answers, writes <run dir>/stall-<time>.txt and one line to stderr, then
 MPI.COMM_WORLD.Abort(76). The same thread tests the fingerprint companions while the main thread is
-stuck, and reports a mismatch (fingerprint.py): the lowest rank of the communicator asks its members
-what they called and ends the job with 77.
+stuck, looks (rank 0, blocked a second in a collective) for ranks blocked in the same call with another
+call or in calls the others have not reached, and reports a mismatch (fingerprint.py): the lowest rank
+of the communicator asks its members what they called and ends the job with 77.
 
 Needs MPI_THREAD_MULTIPLE (mpi4py's default); with less, each rank watches only itself: it reports its
 own status and aborts (docs/diagnosis.md).
@@ -166,6 +167,21 @@ def deadlocked(pos: dict) -> bool:
     return True
 
 
+def same_call_differs(pos: dict):
+    """(communicator, call number) where two ranks are blocked in the same call number of the same
+    communicator with different calls (operation, bytes, datatype or call site), or None."""
+    seen: dict = {}
+    for r in sorted(pos):
+        b = pos[r]["blocked"]
+        if b is None:
+            continue
+        what = (b["op"], b["nbytes"], b["count"], b["dtype"], b["site"])
+        other = seen.setdefault((b["comm"], b["cseq"]), what)
+        if other != what:
+            return b["comm"], b["cseq"]
+    return None
+
+
 def order_clause(pos: dict) -> str:
     groups: dict = {}
     for r, p in pos.items():
@@ -291,7 +307,7 @@ class Watchdog(NullWatchdog):
         self._collecting = False
         self.token = 0
         self.order_next, self.order_wait = 0.0, ORDER_S  # rank 0: when to look for a cross-wait next
-        self.mismatch = None           # (Traced, seq, monotonic time) found by this rank
+        self.mismatch = None           # (Traced, (first, last call), monotonic time, suspect) found by this rank
         self.mismatch_done = threading.Event()
         self.main_ident = threading.main_thread().ident
         self._stop = threading.Event()
@@ -383,6 +399,10 @@ class Watchdog(NullWatchdog):
                 c = self.members.get(label, (None,))[0]
                 answer = None if c is None else (c.describe_seq(seq), c.last_desc(), c.seq)
                 self._isend((token, self.rank, answer), src, TAG_REPLY)
+            elif kind == "hashes":
+                label, lo, hi = req[3], req[4], req[5]
+                c = self.members.get(label, (None,))[0]
+                self._isend((token, self.rank, None if c is None else c.hashes(lo, hi)), src, TAG_REPLY)
         if not self._collecting:
             while True:  # answers that came too late for a report: read and drop them
                 msg = self.comm.improbe(source=MPI.ANY_SOURCE, tag=TAG_REPLY)
@@ -463,9 +483,16 @@ class Watchdog(NullWatchdog):
         if time.time() - mine["blocked"]["t0"] < ORDER_S or mono < self.order_next:
             return
         snaps = []
-        for _ in range(2):  # the same deadlock twice, 0.3 s apart: not a snapshot taken mid-change
+        for i in range(2):  # the same deadlock twice, 0.3 s apart: not a snapshot taken mid-change
             pos = self._ask(list(range(1, self.size)), ("position",), ORDER_S)  # tiny answers: 1 s is plenty
             pos[0] = self.position()
+            if i == 0:
+                odd = same_call_differs(pos)
+                if odd is not None:   # blocked in the same call number with another call: a mismatch
+                    label, seq = odd
+                    self.mismatch = (self.members[label][0], (seq, seq), time.monotonic(), False)
+                    self._report_mismatch()
+                    return
             if len(pos) < self.size or not deadlocked(pos):
                 self.order_wait = min(2 * self.order_wait, 30.0)
                 self.order_next = time.monotonic() + self.order_wait
@@ -546,33 +573,49 @@ class Watchdog(NullWatchdog):
         return None
 
     # -- fingerprint mismatches -----------------------------------------------------------------------
-    def on_mismatch(self, comm, seq: int) -> None:
-        """fingerprint.Traced found the companion of call #seq on comm mismatched. From the watchdog
-        thread: handled at once. From the main thread: handed to the watchdog thread, and the main thread
-        waits (it must not go on with wrongly reduced data) until the job ends."""
+    def on_mismatch(self, comm, calls: tuple, suspect: bool = False) -> None:
+        """fingerprint.Traced found the companion of its calls lo..hi mismatched (suspect: an MPI call of
+        it raised; compare its fingerprints first). From the watchdog thread: handled at once. From the
+        main thread: handed to the watchdog thread, and the main thread waits (it must not go on with
+        wrongly reduced data) until the job ends, or (suspect) until the fingerprints were found equal."""
         if self.mismatch is None:
-            self.mismatch = (comm, seq, time.monotonic())
+            if suspect:
+                self.mismatch_done.clear()
+            self.mismatch = (comm, calls, time.monotonic(), suspect)
         if threading.current_thread() is self.thread or not self.multi or not self.thread.is_alive():
             self._handle_mismatch()
             return
-        self.mismatch_done.wait(30.0)
+        self.mismatch_done.wait(30.0 if not suspect else ANSWER_S + 2 * TAKEOVER_S)
+        if suspect and self.mismatch is None:
+            return  # the same call everywhere: the MPI error is the MPI error
         self._report_mismatch()  # the watchdog thread did not end the job: do it from here
 
     def _handle_mismatch(self) -> None:
-        comm, seq, t = self.mismatch
+        comm, calls, t, suspect = self.mismatch
         label = comm.label
         members = self.members.get(label, (None, [self.rank]))[1]
         order = sorted(members)
         pos = order.index(self.rank) if self.rank in order else 0
-        if self.multi and pos > 0 and time.monotonic() - t < TAKEOVER_S * pos:
+        if self.multi and not suspect and pos > 0 and time.monotonic() - t < TAKEOVER_S * pos:
             return  # the lowest member reports; we take over if it has not ended the job by then
         self._report_mismatch()
 
+    def _first_difference(self, label: str, others: list, lo: int, hi: int) -> int:
+        """The first call of lo..hi whose fingerprint differs between the members (hi if none is known)."""
+        comm = self.members[label][0]
+        got = self._ask(others, ("hashes", label, lo, hi)) if others else {}
+        got[self.rank] = comm.hashes(lo, hi)
+        for seq in range(lo, hi + 1):
+            if len({(h or {}).get(seq) for h in got.values()}) > 1:
+                return seq
+        return hi
+
     def _report_mismatch(self) -> None:
-        comm, seq, _ = self.mismatch
+        comm, (lo, hi), _, suspect = self.mismatch
         label = comm.label
         members = self.members.get(label, (None, [self.rank]))[1]
         others = [r for r in members if r != self.rank] if self.multi else []
+        seq = self._first_difference(label, others, lo, hi) if lo < hi else hi
         answers = self._ask(others, ("describe", label, seq)) if others else {}
         answers[self.rank] = (comm.describe_seq(seq), comm.last_desc(), comm.seq)
         groups: dict = {}
@@ -581,8 +624,12 @@ class Watchdog(NullWatchdog):
             key = fingerprint.format_desc(d) if d is not None else (
                 f"not yet call #{seq} (its last: #{a[2]} {fingerprint.format_desc(a[1])})" if a else "?")
             groups.setdefault(key, []).append(r)
-        parts = [f"{_who(rs)} called {key}" for key, rs in sorted(groups.items(), key=lambda kv: min(kv[1]))]
         silent = [r for r in others if r not in answers]
+        if suspect and len(groups) == 1 and not silent:
+            self.mismatch = None   # the same call on every member: not a mismatch; the MPI error goes on
+            self.mismatch_done.set()
+            return
+        parts = [f"{_who(rs)} called {key}" for key, rs in sorted(groups.items(), key=lambda kv: min(kv[1]))]
         if silent:
             parts.append(f"{_who(silent)} did not answer")
         if len(groups) == 1 and not silent and len(answers) > 1:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, ckpt_export, mpirun_cmd, run_env
+from tests.conftest import REPO, ckpt_export, mpirun_cmd, run, run_env
 
 JOB = os.path.join(REPO, "jobs", "digits_mlp.toml")
 INJECT = os.path.join(REPO, "tests", "mpi", "inject.py")
@@ -178,6 +178,41 @@ def test_mismatch_stops_within_5_s_with_both_call_sites(tmp_path, digits, mode, 
     assert "ranks 0,2-3" in line, line
     if mode == "skip-rank1":  # the other call site: where rank 1 went instead
         assert "hpcopt/parallel/compress.py:" in line, line
+
+
+SILENT = """
+import time
+import numpy as np
+from mpi4py import MPI
+from hpcopt import comm as hcomm
+from hpcopt.diagnosis import fingerprint
+from hpcopt.diagnosis.watchdog import Watchdog
+grid = hcomm.make_grid(MPI.COMM_WORLD, "auto", 1, 1, "test")
+watch = Watchdog(grid.world, None, 0.0, "abort", grid.traced(), attach=False)
+watch.set_phase("step")
+a = np.ones(4, np.float32)
+for step in range(1, 4):
+    watch.beat(step)
+    if step == 2 and grid.world.Get_rank() == 1:
+        grid.dp_comm.Allreduce(MPI.IN_PLACE, a)   # the same count from another line: it completes
+    else:
+        grid.dp_comm.Allreduce(MPI.IN_PLACE, a)
+    fingerprint.post_digests()                    # the Trainer's agreement
+    grid.world.Allreduce(MPI.IN_PLACE, np.zeros(4, np.int32), op=MPI.MAX)
+time.sleep(5)
+print("no mismatch found", flush=True)
+"""
+
+
+def test_a_mismatch_that_completes_is_found_at_the_next_agreement():
+    """Rank 1 reaches call #2 on dp from another line of code with the same count: MPI completes it (wrong
+    data, no hang). The digests compared at the next agreement differ; the members' fingerprints name
+    call #2 and both call sites; exit 77."""
+    p = run(["-c", SILENT], n=2, timeout=60)
+    assert p.returncode == 77, p.stdout + p.stderr
+    line = next(s for s in p.stderr.splitlines() if s.startswith("hpcopt: collective mismatch"))
+    assert "on dp, call #2" in line and "rank 0 called Allreduce(4 x float32, sum) at <string>:17" in line \
+        and "rank 1 called Allreduce(4 x float32, sum) at <string>:15" in line, line
 
 
 def test_without_fingerprints_the_watchdog_catches_a_skipped_collective(tmp_path, digits):
