@@ -4,8 +4,9 @@ is named, not waited on.
     recorder.py     the flight recorder: the last 64 MPI calls of this rank in a fixed binary ring (an
                     mmap, file-backed during training), dumped into stall reports and crash files; the
                     crash sentinel that turns a rank killed by SIGSEGV into hpcopt-crash-<rank>.txt
-    fingerprint.py  Traced: the communicators of a Grid, recording every call and posting a
-                    non-blocking fingerprint companion for every collective (run.check_collectives)
+    fingerprint.py  Traced: the communicators of a Grid, recording every call and keeping a fingerprint
+                    of every collective, compared at the checkpoint agreements, on a hang and on an MPI
+                    error (run.check_collectives)
     watchdog.py     a thread per rank: a step that does not complete within run.stall_timeout_s gives a
                     report naming every rank's position (and the ones that cannot answer), then exit 76
 
