@@ -447,13 +447,14 @@ def test_the_norms_fixed_tree_is_the_same_for_any_thread_count_and_accurate():
     order really is the one written down."""
     import numba
 
-    from hpcopt.parallel.reproducible import BLOCK, LANES, NormSums
+    from hpcopt.parallel.reproducible import BLOCK, LANES, PAR_BLOCKS, NormSums
 
     rng = np.random.default_rng(5)
-    lengths = (7, 2 * BLOCK + 3, 100_003, 1)
+    lengths = (7, 2 * BLOCK + 3, 100_003, 1, 40 * BLOCK + 11)   # 58 blocks: the threaded kernel
     segments = list(zip(np.cumsum((0,) + lengths[:-1]).tolist(), lengths))
     g = (rng.standard_normal(sum(lengths)) * rng.choice([1e-3, 1.0, 30.0], sum(lengths))).astype(np.float32)
     norm = NormSums(segments)
+    assert norm.los.size >= PAR_BLOCKS
     got = {}
     for threads in (1, 2):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
