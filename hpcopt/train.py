@@ -234,7 +234,7 @@ class Trainer:
             raise
         self.signals = signals or StopSignals()
         self.last_ckpt_time = time.monotonic()
-        self.next_agree, self.agreed_at = 0, (0, time.monotonic())   # checkpoint_due's agreements (fit sets them)
+        self.restart_agreements()   # checkpoint_due's agreements (fit restarts them)
         self.last_record: dict = {}   # the last metrics line (loss, and the test scores where evaluated)
 
     def _start(self, cfg, grid, out_dir, resume, resume_force) -> None:
@@ -358,7 +358,7 @@ class Trainer:
         cfg, root = self.cfg, self.grid.is_root
         stop_at = self.total_steps if until is None else min(until, self.total_steps)
         self.signals.install()  # from the first line of `hpcopt train` on; kept until the process exits
-        self.next_agree, self.agreed_at = self.step_count, (self.step_count, time.monotonic())
+        self.restart_agreements()
         if self.step_count >= self.total_steps:  # a finished run, resumed: nothing to do, nothing rewritten
             if root:
                 for note in self.notes:
@@ -495,6 +495,11 @@ class Trainer:
         if flags[2]:
             return "every_steps"
         return None
+
+    def restart_agreements(self) -> None:
+        """checkpoint_due agrees at the next step, then measures its intervals from here (a loop of steps
+        begins: fit, or a benchmark stepping the Trainer itself)."""
+        self.next_agree, self.agreed_at = self.step_count, (self.step_count, time.monotonic())
 
     def _agree(self, flags: np.ndarray) -> None:
         self.grid.world.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)

@@ -207,7 +207,7 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
             trainer.step()
             watch.beat(trainer.step_count)
             trainer.checkpoint_due()
-        trainer.next_agree, trainer.agreed_at = trainer.step_count, (trainer.step_count, time.monotonic())
+        trainer.restart_agreements()
     else:
         rng = np.random.default_rng(world.Get_rank())
         x = rng.random((batch, widths[0]), dtype=np.float32)

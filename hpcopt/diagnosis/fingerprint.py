@@ -87,11 +87,11 @@ def _new_site(frame) -> tuple:
 
 def _new_key(frame, op: str, d, buf) -> tuple:
     """_KEYS[(id(code), line, op, dtype number or name)] = (op id, dtype id, site id, site hash, site text,
-    {(root, reduction): hash}, op, dtype name, the code object (kept, so that its id stays its own))."""
+    op, dtype name, the code object (kept, so that its id stays its own))."""
     code = frame.f_code
     site = f"{short_path(code.co_filename)}:{frame.f_lineno}"
     name = d if isinstance(d, str) else ("object" if d is None else buf.dtype.name)
-    k = (_intern(op), _intern(name), _intern(site), zlib.crc32(f"{op} {name} {site}".encode()), site, {}, op, name,
+    k = (_intern(op), _intern(name), _intern(site), zlib.crc32(f"{op} {name} {site}".encode()), site, op, name,
          code)
     _KEYS[(id(code), frame.f_lineno, op, d)] = k
     return k
@@ -169,13 +169,12 @@ class Traced(MPI.Intracomm):
         self.shadow = MPI.Intracomm(comm).Dup() if self.nranks > 1 else None  # the companions' communicator
         self.fp = np.zeros((K, 2), np.int64)
         self.rows = [self.fp[k] for k in range(K)]  # views made once
-        self.pending: deque = deque()  # (request, slot, seq) of companions not yet seen complete
+        self.pending: deque = deque()  # (request, slot, first call, last call) of companions not yet seen complete
         self.history: list = [None] * K   # slot -> (seq, step, its _site list, fingerprint)
         self.digest = 0                # running hash of every fingerprint
         self.covered = 0               # calls up to this one are in a posted companion
         self.posted = 0                # companions posted
         self.lock = threading.Lock()   # pending + fp, between the main thread and the watchdog's
-        self.bad = None                # (lo, hi): the calls of the first companion found mismatched
         if self.shadow is not None:
             _REGISTRY.append(weakref.ref(self))
         return self
@@ -202,7 +201,7 @@ class Traced(MPI.Intracomm):
             self._note(seq, st.step, site, root, redop)
         return n
 
-    def _site(self, frame, op: str, buf, root: int) -> tuple:
+    def _site(self, frame, op: str, buf, root: int) -> list:
         """(code, buffer, operation, root, the ring's static block, _KEYS's entry, count, reduction,
         fingerprint base) of a call site seen for the first time (or with another buffer object:
         described again); the last two are filled by _note."""
@@ -267,8 +266,6 @@ class Traced(MPI.Intracomm):
             pending.popleft()
             a, b = self.rows[k].tolist()
             if a + b != 0:
-                if self.bad is None:
-                    self.bad = (lo, hi)
                 return lo, hi
         return None
 
@@ -303,7 +300,7 @@ class Traced(MPI.Intracomm):
         seq, step, site, _ = d
         key, redop = site[5], site[7]
         r = redop.py2f() if redop is not None and redop is not _UNSET else -1
-        return (seq, step, key[6], site[6], key[7], site[3], _REDOPS.get(r, "user") if r >= 0 else "", key[4])
+        return (seq, step, key[5], site[6], key[6], site[3], _REDOPS.get(r, "user") if r >= 0 else "", key[4])
 
     def hashes(self, lo: int, hi: int) -> dict:
         """{seq: fingerprint} of the calls lo..hi still in the history."""

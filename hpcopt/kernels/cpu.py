@@ -272,66 +272,63 @@ def regression_loss(out, t, code, scale, dout, losses):
 
 
 @njit(cache=True)
+def _add_row_stats(out, t, i, res):
+    """ADD row i's evaluation terms to res (3 + 2T,): [_, ||o - t|| / ||t||, sum of (o - t)², t_j (T values),
+    t_j² (T values)] (regression_stats over rows, regression_rows per row: the same arithmetic)."""
+    T = out.shape[1]
+    e = 0.0
+    nt = 0.0
+    for j in range(T):
+        d = np.float64(out[i, j]) - t[i, j]
+        y = np.float64(t[i, j])
+        e += d * d
+        nt += y * y
+        res[3 + j] += y
+        res[3 + T + j] += y * y
+    res[1] += math.sqrt(e) / math.sqrt(nt)
+    res[2] += e
+
+
+@njit(cache=True)
 def regression_stats(out, t, res):
     """Evaluation sums over rows of out, t (B, T), ADDED to res (3 + 2T,) float64: [_, sum of per-sample
     ||o - t|| / ||t||, sum of (o - t)², sum of t_j (T values), sum of t_j² (T values)]."""
-    B, T = out.shape
-    for i in range(B):
-        e = 0.0
-        nt = 0.0
-        for j in range(T):
-            d = np.float64(out[i, j]) - t[i, j]
-            y = np.float64(t[i, j])
-            e += d * d
-            nt += y * y
-            res[3 + j] += y
-            res[3 + T + j] += y * y
-        res[1] += math.sqrt(e) / math.sqrt(nt)
-        res[2] += e
+    for i in range(out.shape[0]):
+        _add_row_stats(out, t, i, res)
 
 
 @njit(cache=True)
 def regression_rows(out, t, res):
-    """regression_stats per row: res (B, 3 + 2T) float64 := [_, ||o - t|| / ||t||, sum of (o - t)², t_j
-    (T values), t_j² (T values)] of each row, the same arithmetic (run.reproducible sums the rows exactly)."""
-    B, T = out.shape
-    for i in range(B):
-        e = 0.0
-        nt = 0.0
-        for j in range(T):
-            d = np.float64(out[i, j]) - t[i, j]
-            y = np.float64(t[i, j])
-            e += d * d
-            nt += y * y
-            res[i, 3 + j] = y
-            res[i, 3 + T + j] = y * y
-        res[i, 1] = math.sqrt(e) / math.sqrt(nt)
-        res[i, 2] = e
+    """regression_stats per row: res (B, 3 + 2T) float64 := row i's terms in res[i] (run.reproducible sums
+    the rows exactly)."""
+    res[...] = 0.0
+    for i in range(out.shape[0]):
+        _add_row_stats(out, t, i, res[i])
+
+
+@njit(cache=True)
+def _first_max(logits, i):
+    """The column of row i's first maximum (like numpy's argmax, NaN aside)."""
+    best = 0
+    for j in range(1, logits.shape[1]):
+        if logits[i, j] > logits[i, best]:
+            best = j
+    return best
 
 
 @njit(cache=True)
 def correct_rows(logits, labels, out):
     """count_correct per row: out[i] := 1.0 if row i's argmax (first maximum) is its label, else 0.0."""
-    B, C = logits.shape
-    for i in range(B):
-        best = 0
-        for j in range(1, C):
-            if logits[i, j] > logits[i, best]:
-                best = j
-        out[i] = 1.0 if best == labels[i] else 0.0
+    for i in range(logits.shape[0]):
+        out[i] = 1.0 if _first_max(logits, i) == labels[i] else 0.0
 
 
 @njit(cache=True)
 def count_correct(logits, labels):
     """Number of rows whose argmax equals the label (first maximum wins, like numpy)."""
-    B, C = logits.shape
     n = 0
-    for i in range(B):
-        best = 0
-        for j in range(1, C):
-            if logits[i, j] > logits[i, best]:
-                best = j
-        if best == labels[i]:
+    for i in range(logits.shape[0]):
+        if _first_max(logits, i) == labels[i]:
             n += 1
     return n
 

@@ -633,10 +633,9 @@ def exact_colsums(values: np.ndarray, comm=None, terms: int | None = None) -> np
     with np.errstate(invalid="ignore"):
         top = np.abs(x).max(axis=0) if len(x) else np.zeros(S)
     E_local = [NONFINITE if not math.isfinite(m) else EMPTY if m == 0 else math.frexp(m)[1] for m in top.tolist()]
-    E = agree_exponent(comm, E_local)
-    E = [E] if S == 1 and not isinstance(E, list) else E
+    E = agree_exponent(comm, E_local)   # a list: one exponent per column
     w = 62 - ceil_log2(terms or len(x) * size)
-    acc = np.zeros((S, 4), np.int64)     # three limbs, and (for non-finite columns) nothing: see plain
+    acc = np.zeros((S, 3), np.int64)     # three limbs per column (non-finite columns: `plain`)
     plain = np.zeros(S)
     for j in range(S):
         if E[j] == NONFINITE:
@@ -648,7 +647,7 @@ def exact_colsums(values: np.ndarray, comm=None, terms: int | None = None) -> np
         comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
         if NONFINITE in E:
             comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
-    return np.array([plain[j] if E[j] == NONFINITE else 0.0 if E[j] == EMPTY else _limbs_value(acc[j, :3], w, E[j] - w)
+    return np.array([plain[j] if E[j] == NONFINITE else 0.0 if E[j] == EMPTY else _limbs_value(acc[j], w, E[j] - w)
                      for j in range(S)])
 
 
