@@ -15,10 +15,13 @@ scaling at fixed resources per rank. Inside each launch, every rank measures, in
   diagnosis  what the stall watchdog + flight recorder, and the collective fingerprints, cost a step
              (docs/diagnosis.md): the digits job (a Trainer of jobs/digits_mlp.toml on a synthetic set of
              the digits' shape, stepped as fit() steps it) and --layers (the strategy's step plus the
-             Trainer's checkpoint agreement), with its communicators calling MPI directly (off), through a Python method that only
-             calls MPI (empty: what any recorder written in Python costs at least), traced with the
-             watchdog running (recorder) and with fingerprints too; one step of each in turn; the
-             ratio is the median of the per-repeat ratios
+             Trainer's checkpoint agreement), with its communicators calling MPI directly (off),
+             through a Python method that only calls MPI (empty: what any recorder written in Python
+             costs at least), traced with the watchdog running (recorder) and with fingerprints too;
+             one step of each in turn (the communicators' class switched, fingerprint.bypass); the
+             ratio is the median of the per-repeat ratios. The gradient buckets' exchange is a
+             prepared call (Traced.prepare/start); "off" and "empty" make it through one Python call
+             too, the only way a prepared call is made
 Figures are medians over --repeats; the machine is shared, so medians and ratios matter more than
 absolute numbers.
 """
@@ -190,8 +193,8 @@ def _diagnosis_cost(world, widths, batch: int, bucket_mb: float, steps: int, rep
     it (loader, strategy, watchdog beat, checkpoint agreement); else the strategy over a traced grid plus
     the Trainer's checkpoint agreement (a 4-int Allreduce, made every step: these steps are longer than
     train.AGREE_S). One object stepped in every variant: "off" has its communicators call MPI directly
-    (fingerprint.bypass), so that no difference of memory placement between two objects (5-10% on the
-    digits step here) passes for a cost."""
+    (fingerprint.bypass switches their class), so that no difference of memory placement between two
+    objects (5-10% on the digits step here) passes for a cost."""
     from mpi4py import MPI
 
     from ..diagnosis import fingerprint

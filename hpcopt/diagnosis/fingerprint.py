@@ -32,6 +32,7 @@ not a communicator-wide agreement).
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import EXIT_MISMATCH
-from .recorder import DONE, ENTER, ERROR, HEADER, IN, K, LEAVE, LEAVE_OFF, POSTED, RECORDER, SLOT, STATIC, short_path
+from .recorder import DONE, ERROR, HEADER, IN, K, KMASK, POSTED, RECORDER, short_path
 
 MASK = (1 << 62) - 1
 IN_PLACE = MPI.IN_PLACE
@@ -61,7 +62,7 @@ class State:
 STATE = State()
 _SITES: dict = {}     # id(code) << 24 | line -> (site id, site hash, "file:line", code)  (point to point)
 _KEYS: dict = {}      # (id(code), line, op, dtype) -> _new_key's tuple  (collectives)
-_PACK_ENTER, _PACK_LEAVE, _PACK_STATIC, _SIZE = ENTER.pack_into, LEAVE.pack_into, STATIC.pack, SLOT.size
+_RING = HEADER >> 3   # the ring's first word in RECORDER.words
 _TYPES: dict = {}     # MPI datatype handle -> (name, size)
 _DTYPES: dict = {}    # numpy dtype -> its name (dtype.name takes ~5 us in numpy 2)
 _REGISTRY: list = []  # weakrefs to the Traced communicators that post companions (the watchdog polls them)
@@ -159,6 +160,12 @@ def format_desc(d) -> str:
 class Traced(MPI.Intracomm):
     """An intracommunicator that records its calls and fingerprints its collectives (module doc)."""
 
+    # Slots, no __dict__: MPI.Intracomm is a C type without one, and the __dict__ a subclass adds is one
+    # that CPython 3.11 cannot specialise attribute access on (~90 ns a load, ~200 ns a store, measured;
+    # 20 and 55 ns with slots). The hot path touches a few of them on every call.
+    __slots__ = ("label", "label_id", "seq", "sites", "nranks", "shadow", "fp", "rows", "pending", "history",
+                 "digest", "covered", "posted", "lock", "prepared")
+
     def __new__(cls, comm: MPI.Comm | None = None, label: str = "?"):
         self = super().__new__(cls, comm) if comm is not None else super().__new__(cls)
         self.label = label
@@ -175,34 +182,34 @@ class Traced(MPI.Intracomm):
         self.covered = 0               # calls up to this one are in a posted companion
         self.posted = 0                # companions posted
         self.lock = threading.Lock()   # pending + fp, between the main thread and the watchdog's
+        self.prepared: list = []       # prepare()'s calls: [site, MPI's method, its arguments, name, buffer, op, state]
         if self.shadow is not None:
             _REGISTRY.append(weakref.ref(self))
+        if len(_ALL) >= 64:
+            _ALL[:] = [r for r in _ALL if r() is not None]
+        _ALL.append(weakref.ref(self))
         return self
 
     # -- recording and the companion ----------------------------------------------------------------
-    # The hot path. Between two collectives the kernels have run and the interpreter's caches are cold:
-    # each Python operation here costs several times what a micro-benchmark shows (measured: 1-5 us a
-    # step for each of them on the digits step), so a call is: one lookup of its call site by the
-    # caller's bytecode offset in this communicator's own table (checked against the caller's code
-    # object, the buffer object, the operation and the root: the same objects as last time at this
-    # site, which the exchanges make sure of by reusing their buffer views), two counters, and one
-    # struct.pack_into of the event number, the clock, the call and step numbers and the site's block
-    # of static fields (packed once, when the site is first seen).
-    def _enter(self, op: str, buf, root: int, redop, frame, state: int = IN, _time=time.time) -> int:
-        site = self.sites.get(frame.f_lasti)
-        if site is None or site[0] is not frame.f_code or site[1] is not buf or site[2] is not op or site[3] != root:
-            site = self._site(frame, op, buf, root)
-        self.seq = seq = self.seq + 1
-        rec = RECORDER
-        rec.n = n = rec.n + 1
-        st = STATE
-        _PACK_ENTER(rec.mm, HEADER + (n % K) * _SIZE, n, _time(), seq, st.step, site[4], 0.0, state)
-        if st.enabled and self.shadow is not None:
-            self._note(seq, st.step, site, root, redop)
-        return n
+    def prepare(self, name: str, sendbuf, recvbuf, op=MPI.SUM, k: int | None = None) -> int:
+        """A reduction (Allreduce, Iallreduce, Reduce_scatter_block, Ireduce_scatter_block) that will be
+        made again and again with these very arguments from one place in the code (a gradient bucket's
+        exchange): its handle for start(k), which makes it, recorded and fingerprinted as the named
+        call would be, but without looking up its call site and buffer on every call (its call site:
+        where start(k) is first called). What MPI-4's persistent collectives (Allreduce_init, Start) do
+        for MPI's own set-up; the MPI here is 3.1. k: re-prepare that handle (new buffers)."""
+        if name not in _PREPARABLE:
+            raise ValueError(f"prepare: {name} is not one of {', '.join(_PREPARABLE)}")
+        p = [None, getattr(MPI.Intracomm, name), (sendbuf, recvbuf, op), name,
+             recvbuf if sendbuf is IN_PLACE else sendbuf, op, POSTED if name[0] == "I" else DONE]
+        if k is None:
+            self.prepared.append(p)
+            return len(self.prepared) - 1
+        self.prepared[k] = p
+        return k
 
     def _site(self, frame, op: str, buf, root: int) -> list:
-        """(code, buffer, operation, root, the ring's static block, _KEYS's entry, count, reduction,
+        """(code, buffer, operation, root, the ring's static entry, _KEYS's entry, count, reduction,
         fingerprint base) of a call site seen for the first time (or with another buffer object:
         described again); the last two are filled by _note."""
         if type(buf) is np.ndarray:
@@ -214,7 +221,7 @@ class Traced(MPI.Intracomm):
         k = _KEYS.get((id(frame.f_code), frame.f_lineno, op, d))
         if k is None:
             k = _new_key(frame, op, d, buf)
-        site = [frame.f_code, buf, op, root, _PACK_STATIC(count, nbytes, k[0], self.label_id, k[1], k[2], root, 0),
+        site = [frame.f_code, buf, op, root, RECORDER.static(count, nbytes, k[0], self.label_id, k[1], k[2], root),
                 k, count, _UNSET, 0]
         if len(self.sites) < 4096:   # a bound: call sites of generated code must not grow it forever
             self.sites[frame.f_lasti] = site
@@ -268,11 +275,6 @@ class Traced(MPI.Intracomm):
             if a + b != 0:
                 return lo, hi
         return None
-
-    def _leave(self, n: int, state: int = DONE, _time=time.time) -> None:
-        rec = RECORDER
-        if rec.n - n < K:
-            _PACK_LEAVE(rec.mm, HEADER + LEAVE_OFF + (n % K) * _SIZE, _time(), state)
 
     def _fail(self, n: int) -> None:
         """The MPI call raised: a mismatch (different counts, say) is the likelier cause. With
@@ -354,201 +356,6 @@ class Traced(MPI.Intracomm):
     def Clone(self):
         return MPI.Intracomm(self).Clone()
 
-    # -- collectives ---------------------------------------------------------------------------------
-    def Barrier(self):
-        n = self._enter("Barrier", None, -1, None, sys._getframe(1))
-        try:
-            MPI.Intracomm.Barrier(self)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
-        n = self._enter("Allreduce", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op, sys._getframe(1))
-        try:
-            MPI.Intracomm.Allreduce(self, sendbuf, recvbuf, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
-        n = self._enter("Iallreduce", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Iallreduce(self, sendbuf, recvbuf, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Reduce(self, sendbuf, recvbuf, op=MPI.SUM, root=0):
-        n = self._enter("Reduce", recvbuf if sendbuf is IN_PLACE else sendbuf, root, op, sys._getframe(1))
-        try:
-            MPI.Intracomm.Reduce(self, sendbuf, recvbuf, op, root)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Reduce_scatter(self, sendbuf, recvbuf, recvcounts=None, op=MPI.SUM):
-        n = self._enter("Reduce_scatter", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op, sys._getframe(1))
-        try:
-            MPI.Intracomm.Reduce_scatter(self, sendbuf, recvbuf, recvcounts, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Ireduce_scatter(self, sendbuf, recvbuf, recvcounts=None, op=MPI.SUM):
-        n = self._enter("Ireduce_scatter", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Ireduce_scatter(self, sendbuf, recvbuf, recvcounts, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
-        n = self._enter("Reduce_scatter_block", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op,
-                        sys._getframe(1))
-        try:
-            MPI.Intracomm.Reduce_scatter_block(self, sendbuf, recvbuf, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Ireduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
-        n = self._enter("Ireduce_scatter_block", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, op,
-                        sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Ireduce_scatter_block(self, sendbuf, recvbuf, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Allgather(self, sendbuf, recvbuf):
-        n = self._enter("Allgather", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, None, sys._getframe(1))
-        try:
-            MPI.Intracomm.Allgather(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Iallgather(self, sendbuf, recvbuf):
-        n = self._enter("Iallgather", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, None, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Iallgather(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Allgatherv(self, sendbuf, recvbuf):
-        n = self._enter("Allgatherv", recvbuf, -1, None, sys._getframe(1))  # the total is the same everywhere
-        try:
-            MPI.Intracomm.Allgatherv(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Iallgatherv(self, sendbuf, recvbuf):
-        n = self._enter("Iallgatherv", recvbuf, -1, None, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Iallgatherv(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Alltoall(self, sendbuf, recvbuf):
-        n = self._enter("Alltoall", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, None, sys._getframe(1))
-        try:
-            MPI.Intracomm.Alltoall(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Ialltoall(self, sendbuf, recvbuf):
-        n = self._enter("Ialltoall", recvbuf if sendbuf is IN_PLACE else sendbuf, -1, None, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Ialltoall(self, sendbuf, recvbuf)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    def Bcast(self, buf, root=0):
-        n = self._enter("Bcast", buf, root, None, sys._getframe(1))
-        try:
-            MPI.Intracomm.Bcast(self, buf, root)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-
-    def Ibcast(self, buf, root=0):
-        n = self._enter("Ibcast", buf, root, None, sys._getframe(1))
-        try:
-            req = MPI.Intracomm.Ibcast(self, buf, root)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n, POSTED)
-        return req
-
-    # pickled objects: the count is not compared (pickles differ in size)
-    def allreduce(self, sendobj, op=MPI.SUM):
-        n = self._enter("allreduce", None, -1, op, sys._getframe(1))
-        try:
-            out = MPI.Intracomm.allreduce(self, sendobj, op)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-        return out
-
-    def allgather(self, sendobj):
-        n = self._enter("allgather", None, -1, None, sys._getframe(1))
-        try:
-            out = MPI.Intracomm.allgather(self, sendobj)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-        return out
-
-    def bcast(self, obj, root=0):
-        n = self._enter("bcast", None, root, None, sys._getframe(1))
-        try:
-            out = MPI.Intracomm.bcast(self, obj, root)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-        return out
-
-    def gather(self, sendobj, root=0):
-        n = self._enter("gather", None, root, None, sys._getframe(1))
-        try:
-            out = MPI.Intracomm.gather(self, sendobj, root)
-        except BaseException:
-            self._fail(n)
-            raise
-        self._leave(n)
-        return out
-
     # -- point to point (recorded only) ----------------------------------------------------------------
     def Send(self, buf, dest, tag=0):
         n = self._p2p("Send", buf, dest, sys._getframe(1))
@@ -575,9 +382,104 @@ class Traced(MPI.Intracomm):
         RECORDER.leave(n)
 
 
+# -- the collectives ---------------------------------------------------------------------------------
+# The hot path. Between two collectives the kernels have run and the CPU's caches hold their code and
+# data: each Python operation here costs several times what a micro-benchmark shows, a Python call 1-3 us
+# and code that only this path runs (struct packing, say: 3-5 us) is fetched again each time (measured
+# on the digits step). So each collective is made from one template, its recording inlined: one lookup
+# of its call site by the caller's bytecode offset in this communicator's own table (checked against the
+# caller's code object, the buffer object, the operation and the root: the same objects as last time at
+# this site, which the exchanges make sure of by reusing their buffer views), two counters, and integer
+# stores into the ring (recorder.py), the site's static fields written once, when first seen.
+_CALL_HEAD = """
+def {name}(self, {params}*, _base=MPI.Intracomm.{name}, _op="{name}"):
+    frame = _getframe(1)
+    buf = {buf}
+    site = self.sites.get(frame.f_lasti)
+    if site is None or site[0] is not frame.f_code or site[1] is not buf or site[2] is not _op or site[3] != {root}:
+        site = self._site(frame, _op, buf, {root})
+"""
+_START_HEAD = """
+def start(self, k):
+    \"\"\"Make prepared call k (prepare()) and return what MPI returns (a request for a non-blocking one).\"\"\"
+    p = self.prepared[k]
+    site = p[0]
+    if site is None:   # its first call: the call site is this caller's
+        site = p[0] = self._site(_getframe(1), p[3], p[4], -1)
+"""
+_BODY = """
+    self.seq = seq = self.seq + 1
+    RECORDER.n = n = RECORDER.n + 1
+    w, o = RECORDER.words, _RING + ((n & KMASK) << 3)
+    w[o + 1] = _time_ns()
+    w[o + 2] = seq
+    w[o + 3] = STATE.step
+    w[o + 4] = site[4]
+    w[o + 6] = IN
+    w[o] = n
+    if STATE.enabled and self.shadow is not None:
+        self._note(seq, STATE.step, site, {root}, {redop})
+    try:
+        out = {call}
+    except BaseException:
+        self._fail(n)
+        raise
+    if RECORDER.n - n < K:
+        {leave}
+    return out
+"""
+_DONE = "w = RECORDER.words; w[o + 5] = _time_ns(); w[o + 6] = DONE"
+_POSTED = "RECORDER.words[o + 6] = POSTED"   # posting's time is not worth a clock read
+_SEND = "recvbuf if sendbuf is IN_PLACE else sendbuf"   # the buffer described: the send buffer, or in place
+_COLLECTIVES = (
+    # name, parameters, the buffer described, root, reduction, MPI's arguments
+    ("Barrier", "", "None", "-1", "None", ""),
+    ("Allreduce", "sendbuf, recvbuf, op=SUM", _SEND, "-1", "op", "sendbuf, recvbuf, op"),
+    ("Reduce", "sendbuf, recvbuf, op=SUM, root=0", _SEND, "root", "op", "sendbuf, recvbuf, op, root"),
+    ("Reduce_scatter", "sendbuf, recvbuf, recvcounts=None, op=SUM", _SEND, "-1", "op",
+     "sendbuf, recvbuf, recvcounts, op"),
+    ("Reduce_scatter_block", "sendbuf, recvbuf, op=SUM", _SEND, "-1", "op", "sendbuf, recvbuf, op"),
+    ("Allgather", "sendbuf, recvbuf", _SEND, "-1", "None", "sendbuf, recvbuf"),
+    ("Allgatherv", "sendbuf, recvbuf", "recvbuf", "-1", "None", "sendbuf, recvbuf"),  # its total: the same everywhere
+    ("Alltoall", "sendbuf, recvbuf", _SEND, "-1", "None", "sendbuf, recvbuf"),
+    ("Bcast", "buf, root=0", "buf", "root", "None", "buf, root"),
+    # pickled objects: the count is not compared (pickles differ in size)
+    ("allreduce", "sendobj, op=SUM", "None", "-1", "op", "sendobj, op"),
+    ("allgather", "sendobj", "None", "-1", "None", "sendobj"),
+    ("bcast", "obj, root=0", "None", "root", "None", "obj, root"),
+    ("gather", "sendobj, root=0", "None", "root", "None", "sendobj, root"),
+)
+_PREPARABLE = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Ireduce_scatter_block")
+_NONBLOCKING = ("Allreduce", "Reduce_scatter", "Reduce_scatter_block", "Allgather", "Allgatherv", "Alltoall", "Bcast")
+
+
+def _make_collectives() -> None:
+    """Traced.Allreduce, .Iallreduce, ... and Traced.start from _CALL_HEAD / _START_HEAD and _BODY; the
+    non-blocking ones (I...) leave the ring's slot "posted" (their Wait is not traced: a rank stuck in
+    it shows the call posted)."""
+    env = dict(MPI=MPI, SUM=MPI.SUM, IN_PLACE=IN_PLACE, RECORDER=RECORDER, STATE=STATE, K=K, KMASK=KMASK,
+               _RING=_RING, _getframe=sys._getframe, _time_ns=time.time_ns, IN=IN, DONE=DONE, POSTED=POSTED)
+    specs = list(_COLLECTIVES) + [("I" + c[0].lower(),) + c[1:] for c in _COLLECTIVES if c[0] in _NONBLOCKING]
+    sources = [(name, _CALL_HEAD.format(name=name, params=params + ", " if params else "", buf=buf, root=root)
+                + _BODY.format(root=root, redop=redop, call=f"_base(self{', ' + args if args else ''})",
+                               leave=_POSTED if name[0] == "I" else _DONE))
+               for name, params, buf, root, redop, args in specs]
+    sources.append(("start", _START_HEAD + _BODY.format(root=-1, redop="p[5]", call="p[1](self, *p[2])",
+                                                        leave="w = RECORDER.words\n        if p[6] == DONE:\n"
+                                                              "            w[o + 5] = _time_ns()\n"
+                                                              "        w[o + 6] = p[6]")))
+    for name, src in sources:
+        ns: dict = {}
+        # named after this file's directory: the watchdog leaves these frames out of the stacks it shows
+        exec(compile(src, os.path.join(os.path.dirname(os.path.abspath(__file__)), "<traced collectives>"), "exec"),
+             dict(env), ns)
+        ns[name].__qualname__ = f"Traced.{name}"
+        setattr(Traced, name, ns[name])
+
+
+_make_collectives()
 _CALLS = [k for k, v in vars(Traced).items() if callable(v) and not k.startswith("_") and hasattr(MPI.Intracomm, k)
           and k not in ("Dup", "Split", "Split_type", "Create", "Clone", "Free", "poll", "drain")]
-_OWN = {k: vars(Traced)[k] for k in _CALLS}
 
 
 def _forwarder(name: str):
@@ -588,16 +490,44 @@ def _forwarder(name: str):
     return call
 
 
-_EMPTY = {k: _forwarder(k) for k in _CALLS}
+class _Direct(Traced):
+    """bypass(True): the same object calling MPI directly."""
+    __slots__ = ()
+
+
+class _Empty(Traced):
+    """bypass("empty"): the same object calling MPI through a Python method that does nothing else."""
+    __slots__ = ()
+
+
+def _start_direct(self, k):
+    p = self.prepared[k]
+    return p[1](self, *p[2])
+
+
+for _k in _CALLS:
+    setattr(_Direct, _k, getattr(MPI.Intracomm, _k))
+    setattr(_Empty, _k, _forwarder(_k))
+_Direct.start = _Empty.start = _start_direct   # a prepared call: MPI through this one Python call
+_ALL: list = []   # weakrefs to every Traced communicator made (bypass switches them; unhashable: no WeakSet)
 
 
 def bypass(on) -> None:
     """For `hpcopt bench dp` only: every Traced communicator calls MPI directly (on=True; nothing
     recorded, no fingerprints), through a Python method that only calls MPI (on="empty": the least any
     recorder written in Python costs), or through its recording methods again (on=False). Measures the
-    cost of tracing on the very same objects (a second strategy would sit elsewhere in memory)."""
-    for k in _CALLS:
-        setattr(Traced, k, _EMPTY[k] if on == "empty" else getattr(MPI.Intracomm, k) if on else _OWN[k])
+    cost of tracing on the very same objects (a second strategy would sit elsewhere in memory). The
+    objects' class is switched, none is modified: modifying a class would cost every later attribute
+    access on its objects its specialisation (CPython 3.11 keys them by the class's version), a cost
+    no real run pays."""
+    cls = _Empty if on == "empty" else _Direct if on else Traced
+    alive = []
+    for ref in _ALL:
+        c = ref()
+        if c is not None:
+            c.__class__ = cls
+            alive.append(ref)
+    _ALL[:] = alive
 
 
 def traced() -> list[Traced]:

@@ -1,15 +1,20 @@
 """The flight recorder: the last K (64) MPI calls of this rank, and the crash files made from them.
 
-Every call on a traced communicator (fingerprint.Traced) writes one fixed-size binary slot of a ring:
+Every call on a traced communicator (fingerprint.Traced) writes one slot of a ring, eight int64 words:
 
-    n (event number), t0 (time.time() at entry), the call's number on its communicator, the training
-    step, then a block that is the same for every call of a call site: count, bytes, ids of the
-    operation, communicator, datatype and call site (strings kept in a table after the ring), root or
-    peer; and on leaving: t1 and the state (in, done, posted, error)
+    n (event number), t0 (time.time_ns() at entry), the call's number on its communicator, the training
+    step, the index of its call site's STATIC entry, t1 (time.time_ns() on leaving a blocking call; a
+    non-blocking one's posting is not timed) and the state (in, done, posted, error)
 
-one `struct.pack_into` on entry (the call site's block packed once, when first seen) and one on leaving,
-no string formatting. The ring
-lives in an mmap: anonymous at first, and during training (attach) a file in /dev/shm, so that what a
+where a static entry (count, bytes, ids of the operation, communicator, datatype and call site, root or
+peer: the same for every call of a call site) is written once, when the site is first seen, into a
+table after the ring (the strings are in a third table). A call is a few integer stores into a
+memoryview of the ring: no struct packing, no string formatting. (Measured on the digits step:
+struct.pack_into of the whole slot cost 3-5 us a call there, ten times its cost in a tight loop, as
+code that nothing else in the step runs is not in the CPU's caches; integer stores into a memoryview
+are half that.) A reader on another thread may see one slot half written (the stores are not one
+operation under the GIL); the watchdog reads the ring when the main thread is stuck, not mid-call.
+The ring lives in an mmap: anonymous at first, and during training (attach) a file in /dev/shm, so that what a
 rank did last is readable even after the process is gone:
 
   * a Python exception that ends the job (comm.abort_on_exception) writes <run dir>/hpcopt-crash-<rank>.txt
@@ -36,17 +41,16 @@ import threading
 import time
 import traceback
 
-K = 64                       # calls kept
-# n, t0, cseq, step | count, nbytes, op, comm, dtype, site, peer, pad | t1, state, pad
-SLOT = struct.Struct("<qdqqqqiiiiiidii")
-STATIC = struct.Struct("<qqiiiiii")   # the middle block: the same for every call of a call site
-ENTER = struct.Struct(f"<qdqq{STATIC.size}sdi")   # a call site's entry: n, t0, cseq, step, its static block
-LEAVE = struct.Struct("<di")
-LEAVE_OFF = SLOT.size - LEAVE.size - 4
+K = 64                       # calls kept (a power of two)
+KMASK = K - 1
+WORDS = 8                    # int64 words a slot: n, t0 ns, cseq, step, static index, t1 ns, state, pad
+SLOT = struct.Struct("<8q")
+STATIC = struct.Struct("<8q")  # count, nbytes, op, comm, dtype, site, peer, pad
+STATICS = 1024               # static entries (call site x communicator x buffer); the last one is reused
 HEADER = 512                 # magic, layout, then a line of text (rank, host, pid, run directory)
 TABLE = 64 * 1024            # the strings: op, communicator, datatype, call site names
-MAGIC = b"HPCOPT-RING-2\n"
-LAYOUT = struct.Struct("<iiiiq")  # K, slot size, table offset, table bytes used, pid
+MAGIC = b"HPCOPT-RING-3\n"
+LAYOUT = struct.Struct("<iiiiiq")  # K, slot size, statics offset, table offset, table bytes used, pid
 LAYOUT_OFF = 16
 INFO_OFF = 64
 IN, DONE, POSTED, ERROR = 0, 1, 2, 3
@@ -77,16 +81,21 @@ def short_path(filename: str) -> str:
 
 class Recorder:
     def __init__(self, slots: int = K):
+        assert slots & (slots - 1) == 0, "the ring's length is a power of two"
         self.K = slots
+        self.mask = slots - 1
         self.ring_off = HEADER
-        self.table_off = HEADER + slots * SLOT.size
+        self.statics_off = HEADER + slots * SLOT.size
+        self.table_off = self.statics_off + STATICS * STATIC.size
         self.size = self.table_off + TABLE
         self.mm = mmap.mmap(-1, self.size)
+        self.words = memoryview(self.mm).cast("q")  # the ring's slot k is words[(HEADER / 8) + 8k ...]
         self.mm[:len(MAGIC)] = MAGIC
         self.n = 0
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         self.table_used = 0
+        self.statics: dict[tuple, int] = {}
         self._write_layout()
         self.path: str | None = None          # the ring file, once attached
         self.fault_file = None                # the ring file opened for appending: faulthandler's output
@@ -95,7 +104,7 @@ class Recorder:
         self.rank = 0
         self.attached = 0                     # attach() calls not yet undone by detach()
         self._faulthandler_was = False
-        self._lock = threading.Lock()         # intern() from two threads
+        self._lock = threading.Lock()         # intern() and static() from two threads
 
     # -- the hot path ------------------------------------------------------------------------------
     def intern(self, s: str) -> int:
@@ -119,21 +128,51 @@ class Recorder:
             self._write_layout()
             return i
 
+    def static(self, count: int, nbytes: int, op: int, comm: int, dtype: int, site: int, peer: int) -> int:
+        """The index of the static entry with these fields (written when first seen). When the table is
+        full, the last entry is rewritten for each new one (its older calls then show the newest's)."""
+        key = (count, nbytes, op, comm, dtype, site, peer)
+        i = self.statics.get(key)
+        if i is not None:
+            return i
+        with self._lock:
+            i = self.statics.get(key)
+            if i is None:
+                i = len(self.statics)
+                if i < STATICS - 1:
+                    self.statics[key] = i
+                else:
+                    i = STATICS - 1
+            STATIC.pack_into(self.mm, self.statics_off + i * STATIC.size, *key, 0)
+            return i
+
     def enter(self, op: int, comm: int, cseq: int, count: int, nbytes: int, dtype: int, site: int, peer: int,
-              step: int, state: int = IN, _pack=SLOT.pack_into, _size=SLOT.size, _time=time.time) -> int:
-        """A call begins (or, state=POSTED, a non-blocking one was posted). Returns its event number."""
+              step: int, state: int = IN) -> int:
+        """A call begins (or, state=POSTED, a non-blocking one was posted). Returns its event number.
+        (fingerprint.Traced writes its collectives' slots itself, the same way, its static index kept.)"""
+        return self.enter_static(self.static(count, nbytes, op, comm, dtype, site, peer), cseq, step, state)
+
+    def enter_static(self, static: int, cseq: int, step: int, state: int = IN, _time=time.time_ns) -> int:
         self.n = n = self.n + 1
-        _pack(self.mm, HEADER + (n % self.K) * _size, n, _time(), cseq, step, count, nbytes, op, comm, dtype, site,
-              peer, 0, 0.0, state, 0)
+        w, o = self.words, (HEADER >> 3) + ((n & self.mask) << 3)
+        w[o + 1] = _time()
+        w[o + 2] = cseq
+        w[o + 3] = step
+        w[o + 4] = static
+        w[o + 6] = state
+        w[o] = n
         return n
 
-    def leave(self, n: int, state: int = DONE, _pack=LEAVE.pack_into, _size=SLOT.size, _time=time.time) -> None:
+    def leave(self, n: int, state: int = DONE, _time=time.time_ns) -> None:
         if self.n - n < self.K:  # its slot was not reused meanwhile
-            _pack(self.mm, HEADER + LEAVE_OFF + (n % self.K) * _size, _time(), state)
+            w, o = self.words, (HEADER >> 3) + ((n & self.mask) << 3)
+            w[o + 5] = _time()
+            w[o + 6] = state
 
     # -- reading ------------------------------------------------------------------------------------
     def _write_layout(self) -> None:
-        LAYOUT.pack_into(self.mm, LAYOUT_OFF, self.K, SLOT.size, self.table_off, self.table_used, os.getpid())
+        LAYOUT.pack_into(self.mm, LAYOUT_OFF, self.K, SLOT.size, self.statics_off, self.table_off, self.table_used,
+                         os.getpid())
 
     def set_info(self, text: str) -> None:
         raw = text.encode("utf-8", "replace")[:HEADER - INFO_OFF - 1]
@@ -194,7 +233,7 @@ class Recorder:
         finally:
             os.close(fd)
         mm[:] = self.mm[:]
-        self.mm, self.path = mm, path
+        self.mm, self.words, self.path = mm, memoryview(mm).cast("q"), path
         self.fault_file = open(path, "ab")  # O_APPEND: faulthandler writes behind the ring
         self.sentinel = _spawn_sentinel(path)
         if self.sentinel is None:  # no helper: nothing would delete the file at exit
@@ -263,7 +302,7 @@ def _write_file(path: str, text: str) -> str | None:
 
 # -- decoding (in the rank, in the sentinel, in the tests) ---------------------------------------------
 def _info(buf: bytes) -> tuple[str, int]:
-    pid = LAYOUT.unpack_from(buf, LAYOUT_OFF)[4] if len(buf) >= LAYOUT_OFF + LAYOUT.size else 0
+    pid = LAYOUT.unpack_from(buf, LAYOUT_OFF)[5] if len(buf) >= LAYOUT_OFF + LAYOUT.size else 0
     return buf[INFO_OFF:HEADER].split(b"\0", 1)[0].decode("utf-8", "replace"), pid
 
 
@@ -271,7 +310,7 @@ def decode(buf: bytes) -> tuple[str, list[dict]]:
     """(the header's text, the recorded calls oldest first) of a ring's bytes."""
     if not buf.startswith(MAGIC):
         return "", []
-    k, slot, table_off, used, _ = LAYOUT.unpack_from(buf, LAYOUT_OFF)
+    k, slot, statics_off, table_off, used, _ = LAYOUT.unpack_from(buf, LAYOUT_OFF)
     names, off, end = [], table_off, table_off + used
     while off + 2 <= end:
         (n,) = struct.unpack_from("<H", buf, off)
@@ -283,12 +322,16 @@ def decode(buf: bytes) -> tuple[str, list[dict]]:
 
     out = []
     for i in range(k):
-        (n, t0, cseq, step, count, nbytes, op, comm, dtype, site, peer, _, t1, state, _) = \
-            SLOT.unpack_from(buf, HEADER + i * slot)
-        if n:
-            out.append(dict(n=n, t0=t0, t1=t1, count=count, nbytes=nbytes, cseq=cseq, step=step, op=name(op),
-                            comm=name(comm), dtype=name(dtype), site=name(site), peer=peer,
-                            state=STATES[state] if 0 <= state < len(STATES) else "?"))
+        n, t0, cseq, step, static, t1, state, _ = SLOT.unpack_from(buf, HEADER + i * slot)
+        if not n:
+            continue
+        count = nbytes = 0
+        op = comm = dtype = site = peer = -1
+        if 0 <= static < (table_off - statics_off) // STATIC.size:
+            count, nbytes, op, comm, dtype, site, peer, _ = STATIC.unpack_from(buf, statics_off + static * STATIC.size)
+        out.append(dict(n=n, t0=t0 / 1e9, t1=t1 / 1e9 if state in (DONE, ERROR) else 0.0, count=count, nbytes=nbytes,
+                        cseq=cseq, step=step, op=name(op), comm=name(comm), dtype=name(dtype), site=name(site),
+                        peer=peer, state=STATES[state] if 0 <= state < len(STATES) else "?"))
     out.sort(key=lambda e: e["n"])
     return _info(buf)[0], out
 
@@ -347,7 +390,7 @@ def sentinel_main(ring_path: str) -> None:
         return
     try:
         if watching and buf.startswith(MAGIC):
-            k, slot, table_off, _, _ = LAYOUT.unpack_from(buf, LAYOUT_OFF)
+            k, slot, statics_off, table_off, _, _ = LAYOUT.unpack_from(buf, LAYOUT_OFF)
             size = table_off + TABLE
             fault = buf[size:].decode("utf-8", "replace").strip()
             if fault:

@@ -87,11 +87,26 @@ class Dense:
         self.N = comm.Get_size()
         self.itemsize = np.dtype(dtype).itemsize
         self.reqs: list[MPI.Request | None] = [None] * len(sizes)
+        # a traced communicator's prepared calls (fingerprint.Traced.prepare): bucket b's gradients and
+        # the handles of its (Iallreduce, Allreduce)
+        self.prepared = hasattr(comm, "prepare")
+        self.bufs: list = [None] * len(sizes)
+        self.handles: list = [None] * len(sizes)
 
     def start(self, b: int, g: np.ndarray, blocking: bool = False) -> None:
         """blocking: nothing is left to overlap with (the last bucket, or overlap off): a blocking
         Allreduce, whose tuned algorithms beat the non-blocking ones (measured: 5.3 vs 8.4 ms, 7 MB, 2 ranks)."""
-        if blocking:
+        if self.prepared:
+            if self.bufs[b] is not g:   # first use of this bucket, or new gradient buffers
+                self.bufs[b] = g
+                h = self.handles[b] or (None, None)
+                self.handles[b] = (self.comm.prepare("Iallreduce", MPI.IN_PLACE, g, MPI.SUM, h[0]),
+                                   self.comm.prepare("Allreduce", MPI.IN_PLACE, g, MPI.SUM, h[1]))
+            if blocking:
+                self.comm.start(self.handles[b][1])
+            else:
+                self.reqs[b] = self.comm.start(self.handles[b][0])
+        elif blocking:
             self.comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
         else:
             self.reqs[b] = self.comm.Iallreduce(MPI.IN_PLACE, g, op=MPI.SUM)

@@ -204,15 +204,26 @@ print("no mismatch found", flush=True)
 """
 
 
-def test_a_mismatch_that_completes_is_found_at_the_next_agreement():
+SILENT_PREPARED = SILENT.replace("""        grid.dp_comm.Allreduce(MPI.IN_PLACE, a)   # the same count from another line: it completes
+    else:
+        grid.dp_comm.Allreduce(MPI.IN_PLACE, a)""", """        grid.dp_comm.start(other)                 # a prepared call (its site: its first start)
+    else:
+        grid.dp_comm.start(mine)""").replace("for step in", """mine = grid.dp_comm.prepare("Allreduce", MPI.IN_PLACE, a, MPI.SUM)
+other = grid.dp_comm.prepare("Allreduce", MPI.IN_PLACE, a, MPI.SUM)
+for step in""")
+
+
+@pytest.mark.parametrize("script", ["call", "prepared"])
+def test_a_mismatch_that_completes_is_found_at_the_next_agreement(script):
     """Rank 1 reaches call #2 on dp from another line of code with the same count: MPI completes it (wrong
     data, no hang). The digests compared at the next agreement differ; the members' fingerprints name
     call #2 and both call sites; exit 77."""
-    p = run(["-c", SILENT], n=2, timeout=60)
+    p = run(["-c", SILENT if script == "call" else SILENT_PREPARED], n=2, timeout=60)
     assert p.returncode == 77, p.stdout + p.stderr
     line = next(s for s in p.stderr.splitlines() if s.startswith("hpcopt: collective mismatch"))
-    assert "on dp, call #2" in line and "rank 0 called Allreduce(4 x float32, sum) at <string>:17" in line \
-        and "rank 1 called Allreduce(4 x float32, sum) at <string>:15" in line, line
+    mine, other = (17, 15) if script == "call" else (19, 17)
+    assert "on dp, call #2" in line and f"rank 0 called Allreduce(4 x float32, sum) at <string>:{mine}" in line \
+        and f"rank 1 called Allreduce(4 x float32, sum) at <string>:{other}" in line, line
 
 
 def test_without_fingerprints_the_watchdog_catches_a_skipped_collective(tmp_path, digits):

@@ -155,6 +155,43 @@ def test_a_traced_communicator_records_and_passes_calls_on():
     assert c == MPI.COMM_NULL
 
 
+def test_a_prepared_call_is_recorded_like_the_call_it_names():
+    from mpi4py import MPI
+
+    from hpcopt.diagnosis import fingerprint
+    from hpcopt.diagnosis.fingerprint import Traced
+
+    c = Traced(MPI.COMM_SELF.Dup(), "dp")
+    x, y = np.arange(4, dtype=np.float32), np.zeros(6, np.float64)
+    k = c.prepare("Iallreduce", MPI.IN_PLACE, x, MPI.SUM)
+    j = c.prepare("Allreduce", MPI.IN_PLACE, x, MPI.MAX)
+    for _ in range(3):
+        c.start(k).Wait()
+        line = sys._getframe().f_lineno - 1
+    c.start(j)
+    assert c.prepare("Allreduce", MPI.IN_PLACE, y, MPI.SUM, k=j) == j  # new buffers, same handle
+    c.start(j)
+    es = recorder.RECORDER.entries()[-5:]
+    assert [(e["op"], e["state"], e["cseq"], e["count"], e["dtype"]) for e in es] == \
+        [
+            ("Iallreduce", "posted", 1, 4, "float32"), ("Iallreduce", "posted", 2, 4, "float32"),
+            ("Iallreduce", "posted", 3, 4, "float32"), ("Allreduce", "done", 4, 4, "float32"),
+            ("Allreduce", "done", 5, 6, "float64")]
+    assert es[0]["site"] == f"tests/unit/test_diagnosis.py:{line}" and es[4]["t1"] >= es[4]["t0"] > 0
+    with pytest.raises(ValueError, match="Bcast is not one of"):
+        c.prepare("Bcast", x, None)
+    fingerprint.bypass(True)   # the bench's "diagnosis off": MPI directly, nothing recorded
+    try:
+        n = recorder.RECORDER.n
+        c.start(k).Wait()
+        c.Allreduce(MPI.IN_PLACE, x)
+        assert recorder.RECORDER.n == n and type(c) is not Traced
+    finally:
+        fingerprint.bypass(False)
+    assert type(c) is Traced
+    c.Free()
+
+
 def test_stall_limit():
     assert watchdog.stall_limit(30, "checkpoint", [0.1], {}) == 30           # the user's value, everywhere
     assert watchdog.stall_limit(0, "step", [0.01] * 5, {}) == 60             # at least 60 s
