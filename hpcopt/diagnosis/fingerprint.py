@@ -4,7 +4,9 @@ collective carries a fingerprint that the ranks of its communicator compare (run
 `Traced(comm, label)` is an `MPI.Intracomm` on the same handle as comm (still an MPI.Comm: h5py's mpio
 driver, MPI.Win and mpi4py's own calls take it) whose methods that hpcopt calls (the collectives, their
 non-blocking forms, and the point-to-point calls of the pipeline) first record the call, then call
-MPI. comm.make_grid wraps the grid's world, dp, pp and tp communicators.
+MPI. comm.make_grid wraps the grid's world, dp, pp and tp communicators. A reduction made again and
+again with the same buffers from one place (a gradient bucket's exchange) is prepared once and started
+each step (Traced.prepare, Traced.start): recorded and fingerprinted the same, a cheaper call.
 
 The fingerprint of a collective: hash(its number on the communicator, the training step, operation,
 element count, datatype, root, reduction, call site file:line), computed when the call is made and
