@@ -46,7 +46,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import EXIT_MISMATCH
-from .recorder import DONE, ERROR, HEADER, IN, K, KMASK, POSTED, RECORDER, short_path
+from .recorder import DONE, ERROR, IN, K, KMASK, POSTED, RECORDER, RING, short_path
 
 MASK = (1 << 62) - 1
 IN_PLACE = MPI.IN_PLACE
@@ -64,7 +64,6 @@ class State:
 STATE = State()
 _SITES: dict = {}     # id(code) << 24 | line -> (site id, site hash, "file:line", code)  (point to point)
 _KEYS: dict = {}      # (id(code), line, op, dtype) -> _new_key's tuple  (collectives)
-_RING = HEADER >> 3   # the ring's first word in RECORDER.words
 _TYPES: dict = {}     # MPI datatype handle -> (name, size)
 _DTYPES: dict = {}    # numpy dtype -> its name (dtype.name takes ~5 us in numpy 2)
 _REGISTRY: list = []  # weakrefs to the Traced communicators that post companions (the watchdog polls them)
@@ -412,7 +411,7 @@ def start(self, k):
 _BODY = """
     self.seq = seq = self.seq + 1
     RECORDER.n = n = RECORDER.n + 1
-    w, o = RECORDER.words, _RING + ((n & KMASK) << 3)
+    w, o = RECORDER.words, RING + ((n & KMASK) << 3)
     w[o + 1] = _time_ns()
     w[o + 2] = seq
     w[o + 3] = STATE.step
@@ -460,16 +459,15 @@ def _make_collectives() -> None:
     non-blocking ones (I...) leave the ring's slot "posted" (their Wait is not traced: a rank stuck in
     it shows the call posted)."""
     env = dict(MPI=MPI, SUM=MPI.SUM, IN_PLACE=IN_PLACE, RECORDER=RECORDER, STATE=STATE, K=K, KMASK=KMASK,
-               _RING=_RING, _getframe=sys._getframe, _time_ns=time.time_ns, IN=IN, DONE=DONE, POSTED=POSTED)
+               RING=RING, _getframe=sys._getframe, _time_ns=time.time_ns, IN=IN, DONE=DONE, POSTED=POSTED)
     specs = list(_COLLECTIVES) + [("I" + c[0].lower(),) + c[1:] for c in _COLLECTIVES if c[0] in _NONBLOCKING]
     sources = [(name, _CALL_HEAD.format(name=name, params=params + ", " if params else "", buf=buf, root=root)
                 + _BODY.format(root=root, redop=redop, call=f"_base(self{', ' + args if args else ''})",
                                leave=_POSTED if name[0] == "I" else _DONE))
                for name, params, buf, root, redop, args in specs]
+    start_leave = "w = RECORDER.words; w[o + 5] = _time_ns() if p[6] == DONE else 0; w[o + 6] = p[6]"
     sources.append(("start", _START_HEAD + _BODY.format(root=-1, redop="p[5]", call="p[1](self, *p[2])",
-                                                        leave="w = RECORDER.words\n        if p[6] == DONE:\n"
-                                                              "            w[o + 5] = _time_ns()\n"
-                                                              "        w[o + 6] = p[6]")))
+                                                        leave=start_leave)))
     for name, src in sources:
         ns: dict = {}
         # named after this file's directory: the watchdog leaves these frames out of the stacks it shows

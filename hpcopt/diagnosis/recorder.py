@@ -43,11 +43,11 @@ import traceback
 
 K = 64                       # calls kept (a power of two)
 KMASK = K - 1
-WORDS = 8                    # int64 words a slot: n, t0 ns, cseq, step, static index, t1 ns, state, pad
-SLOT = struct.Struct("<8q")
+SLOT = struct.Struct("<8q")  # n, t0 ns, cseq, step, static index, t1 ns, state, pad: slot n at word RING + 8 (n % K)
 STATIC = struct.Struct("<8q")  # count, nbytes, op, comm, dtype, site, peer, pad
 STATICS = 1024               # static entries (call site x communicator x buffer); the last one is reused
 HEADER = 512                 # magic, layout, then a line of text (rank, host, pid, run directory)
+RING = HEADER >> 3           # the ring's first int64 word (Recorder.words)
 TABLE = 64 * 1024            # the strings: op, communicator, datatype, call site names
 MAGIC = b"HPCOPT-RING-3\n"
 LAYOUT = struct.Struct("<iiiiiq")  # K, slot size, statics offset, table offset, table bytes used, pid
@@ -89,7 +89,7 @@ class Recorder:
         self.table_off = self.statics_off + STATICS * STATIC.size
         self.size = self.table_off + TABLE
         self.mm = mmap.mmap(-1, self.size)
-        self.words = memoryview(self.mm).cast("q")  # the ring's slot k is words[(HEADER / 8) + 8k ...]
+        self.words = memoryview(self.mm).cast("q")  # the ring's slot k is words[RING + 8k ...]
         self.mm[:len(MAGIC)] = MAGIC
         self.n = 0
         self.ids: dict[str, int] = {}
@@ -154,7 +154,7 @@ class Recorder:
 
     def enter_static(self, static: int, cseq: int, step: int, state: int = IN, _time=time.time_ns) -> int:
         self.n = n = self.n + 1
-        w, o = self.words, (HEADER >> 3) + ((n & self.mask) << 3)
+        w, o = self.words, RING + ((n & self.mask) << 3)
         w[o + 1] = _time()
         w[o + 2] = cseq
         w[o + 3] = step
@@ -165,7 +165,7 @@ class Recorder:
 
     def leave(self, n: int, state: int = DONE, _time=time.time_ns) -> None:
         if self.n - n < self.K:  # its slot was not reused meanwhile
-            w, o = self.words, (HEADER >> 3) + ((n & self.mask) << 3)
+            w, o = self.words, RING + ((n & self.mask) << 3)
             w[o + 5] = _time()
             w[o + 6] = state
 
