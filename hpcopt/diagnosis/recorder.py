@@ -84,7 +84,6 @@ class Recorder:
         assert slots & (slots - 1) == 0, "the ring's length is a power of two"
         self.K = slots
         self.mask = slots - 1
-        self.ring_off = HEADER
         self.statics_off = HEADER + slots * SLOT.size
         self.table_off = self.statics_off + STATICS * STATIC.size
         self.size = self.table_off + TABLE
