@@ -61,13 +61,16 @@ def run_suite(args) -> int:
     mod = importlib.import_module(modname)
     mod.add_arguments(p)
     opts = p.parse_args(args.suite_args)
-    rows = mod.run(opts)
-    if opts.json:
+    report(args.suite, mod.run(opts), opts.json)
+    return 0
+
+
+def report(suite: str, rows: list[dict], as_json: bool) -> None:
+    if as_json:
         for r in rows:
-            print(json.dumps(dict(suite=args.suite, **r)), flush=True)
+            print(json.dumps(dict(suite=suite, **r)), flush=True)
     else:
         print_table(rows)
-    return 0
 
 
 def _fmt(v) -> str:

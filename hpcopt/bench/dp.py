@@ -55,7 +55,22 @@ def _launched_alone() -> bool:
 
 def run(args) -> list[dict]:
     if not _launched_alone():
-        return _measure(args)
+        rows = _measure(args)
+        if "torch.distributed" not in sys.modules:
+            return rows
+        # torch's gloo worker threads outlive destroy_process_group() (and the model's deletion); one
+        # that takes the GIL while the interpreter finalizes ends in std::terminate, SIGABRT (about one
+        # launch in 50 here). So this launch reports, finalizes MPI and ends before that finalization.
+        from mpi4py import MPI
+
+        from . import report
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            report("dp", rows, args.json)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.Finalize()
+        os._exit(0)
     threads = max(1, len(os.sched_getaffinity(0)) // args.ranks)  # ranks share the cores, as in training
     got = {}
     for n in (1, args.ranks):
@@ -387,6 +402,6 @@ def _measure(args) -> list[dict]:
         dist.destroy_process_group()
     if size == 1:
         raw.update(sync_ms=None, bare_ms=None, sync_overhead=None)
-    if rank != 0:
+    if rank != 0 and torch is None:
         sys.exit(0)  # rank 0 reports
     return [dict(name="raw", unit="-", hpcopt=None, peer_name=None, peer=None, ratio=None, limit=None, raw=raw)]
