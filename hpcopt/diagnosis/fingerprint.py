@@ -192,16 +192,23 @@ class Traced(MPI.Intracomm):
         return self
 
     # -- recording and the companion ----------------------------------------------------------------
-    def prepare(self, name: str, sendbuf, recvbuf, op=MPI.SUM, k: int | None = None) -> int:
-        """A reduction (Allreduce, Iallreduce, Reduce_scatter_block, Ireduce_scatter_block) that will be
-        made again and again with these very arguments from one place in the code (a gradient bucket's
-        exchange): its handle for start(k), which makes it, recorded and fingerprinted as the named
-        call would be, but without looking up its call site and buffer on every call (its call site:
-        where start(k) is first called). What MPI-4's persistent collectives (Allreduce_init, Start) do
-        for MPI's own set-up; the MPI here is 3.1. k: re-prepare that handle (new buffers)."""
+    def prepare(self, name: str, sendbuf, recvbuf, op=None, k: int | None = None) -> int:
+        """A collective of _PREPARABLE (a reduction: op, default SUM; an Allgather or Alltoall: no op)
+        that will be made again and again with these very arguments from one place in the code (a
+        gradient bucket's exchange): its handle for start(k), which makes it, recorded and fingerprinted
+        as the named call would be, but without looking up its call site and buffer on every call (its
+        call site: where start(k) is first called). What MPI-4's persistent collectives (Allreduce_init,
+        Start) do for MPI's own set-up; the MPI here is 3.1. k: re-prepare that handle (new buffers)."""
         if name not in _PREPARABLE:
             raise ValueError(f"prepare: {name} is not one of {', '.join(_PREPARABLE)}")
-        p = [None, getattr(MPI.Intracomm, name), (sendbuf, recvbuf, op), name,
+        if name in _REDUCTIONS:
+            op = MPI.SUM if op is None else op
+            args = (sendbuf, recvbuf, op)
+        elif op is not None:
+            raise ValueError(f"prepare: {name} takes no reduction (op)")
+        else:
+            args = (sendbuf, recvbuf)
+        p = [None, getattr(MPI.Intracomm, name), args, name,
              recvbuf if sendbuf is IN_PLACE else sendbuf, op, POSTED if name[0] == "I" else DONE]
         if k is None:
             self.prepared.append(p)
@@ -450,7 +457,8 @@ _COLLECTIVES = (
     ("bcast", "obj, root=0", "None", "root", "None", "obj, root"),
     ("gather", "sendobj, root=0", "None", "root", "None", "sendobj, root"),
 )
-_PREPARABLE = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Ireduce_scatter_block")
+_REDUCTIONS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Ireduce_scatter_block")
+_PREPARABLE = _REDUCTIONS + ("Allgather", "Iallgather", "Alltoall", "Ialltoall")
 _NONBLOCKING = ("Allreduce", "Reduce_scatter", "Reduce_scatter_block", "Allgather", "Allgatherv", "Alltoall", "Bcast")
 
 

@@ -140,6 +140,9 @@ class Cast16(Dense):
         self.mine16 = [np.zeros(c, np.uint16) for c in self.chunks]      # (c,) this rank's summed chunk
         self.all16 = [np.zeros(N * c, np.uint16) for c in self.chunks]   # (N*c,) every summed chunk
         self.acc = np.zeros(max(self.chunks, default=0), np.float32)   # float32 sum of one chunk
+        if self.prepared:   # the same buffers every step: prepared calls (see Dense)
+            self.h_alltoall = [comm.prepare("Ialltoall", a, b) for a, b in zip(self.send, self.recv)]
+            self.h_allgather = [comm.prepare("Allgather", a, b) for a, b in zip(self.mine16, self.all16)]
 
     def encode(self, src: np.ndarray, dst: np.ndarray) -> None:
         """float32 -> 16-bit words (dst uint16)."""
@@ -158,7 +161,10 @@ class Cast16(Dense):
     def start(self, b: int, g: np.ndarray, blocking: bool = False) -> None:
         n = g.size
         self.encode(g, self.send[b][:n])
-        self.reqs[b] = self.comm.Ialltoall(self.send[b], self.recv[b])
+        if self.prepared:
+            self.reqs[b] = self.comm.start(self.h_alltoall[b])
+        else:
+            self.reqs[b] = self.comm.Ialltoall(self.send[b], self.recv[b])
 
     def finish(self, b: int, g: np.ndarray) -> None:
         self.reqs[b].Wait()
@@ -173,7 +179,10 @@ class Cast16(Dense):
         else:
             bf16_sum_rows(rows, acc)
         self.encode(acc, self.mine16[b])
-        self.comm.Allgather(self.mine16[b], self.all16[b])
+        if self.prepared:
+            self.comm.start(self.h_allgather[b])
+        else:
+            self.comm.Allgather(self.mine16[b], self.all16[b])
         self.decode(self.all16[b][:g.size], g)
 
     def bytes_per_step(self) -> int:
@@ -195,6 +204,9 @@ class TopK(Dense):
         self.all_vals = [np.zeros(N * k, np.float32) for k in self.k]   # (N*k,) every rank's entries
         self.all_idx = [np.zeros(N * k, np.int32) for k in self.k]
         self.reqs2: list[MPI.Request | None] = [None] * len(sizes)
+        if self.prepared:   # the same buffers every step: prepared calls (see Dense)
+            self.h_vals = [comm.prepare("Iallgather", a, b) for a, b in zip(self.vals, self.all_vals)]
+            self.h_idx = [comm.prepare("Iallgather", a, b) for a, b in zip(self.idx, self.all_idx)]
 
     def start(self, b: int, g: np.ndarray, blocking: bool = False) -> None:
         r, k = self.residual[b], self.k[b]
@@ -203,8 +215,12 @@ class TopK(Dense):
         self.idx[b][:] = top
         self.vals[b][:] = r[top]
         r[top] = 0.0
-        self.reqs[b] = self.comm.Iallgather(self.vals[b], self.all_vals[b])
-        self.reqs2[b] = self.comm.Iallgather(self.idx[b], self.all_idx[b])
+        if self.prepared:
+            self.reqs[b] = self.comm.start(self.h_vals[b])
+            self.reqs2[b] = self.comm.start(self.h_idx[b])
+        else:
+            self.reqs[b] = self.comm.Iallgather(self.vals[b], self.all_vals[b])
+            self.reqs2[b] = self.comm.Iallgather(self.idx[b], self.all_idx[b])
 
     def finish(self, b: int, g: np.ndarray) -> None:
         MPI.Request.Waitall([self.reqs[b], self.reqs2[b]])

@@ -180,6 +180,19 @@ def test_a_prepared_call_is_recorded_like_the_call_it_names():
     assert es[0]["site"] == f"tests/unit/test_diagnosis.py:{line}" and es[4]["t1"] >= es[4]["t0"] > 0
     with pytest.raises(ValueError, match="Bcast is not one of"):
         c.prepare("Bcast", x, None)
+    with pytest.raises(ValueError, match="Allgather takes no reduction"):
+        c.prepare("Allgather", x, x.copy(), MPI.SUM)
+    # the compressed codecs' exchanges: Ialltoall, Allgather and Iallgather of 16-bit words / indices
+    w, got = np.arange(4, dtype=np.uint16), np.zeros(4, np.uint16)
+    a, g = c.prepare("Ialltoall", w, got), c.prepare("Allgather", w, got)
+    c.start(a).Wait()
+    assert np.array_equal(got, w)
+    got[:] = 0
+    c.start(g)
+    assert np.array_equal(got, w)
+    es = recorder.RECORDER.entries()[-2:]
+    assert [(e["op"], e["state"], e["count"], e["dtype"]) for e in es] == \
+        [("Ialltoall", "posted", 4, "uint16"), ("Allgather", "done", 4, "uint16")]
     fingerprint.bypass(True)   # the bench's "diagnosis off": MPI directly, nothing recorded
     try:
         n = recorder.RECORDER.n
